@@ -1,0 +1,31 @@
+"""residkit: check, live, that the KV cache is a function of the residual stream.
+
+Importing residkit changes nothing: no global patches, no hooks. Every function that adds
+hooks to a model removes them before returning, also when it raises.
+
+Example:
+    >>> import residkit
+    >>> model = residkit.load("zoo:llama")
+    >>> residkit.capture_residuals(model, "The residual stream").shape[0] == model.cfg.n_layers + 1
+    True
+"""
+
+from residkit import zoo
+from residkit.architectures import ARCH_TABLE, ArchSpec, UnsupportedArchitectureError, spec_for
+from residkit.capture import capture_residuals
+from residkit.loading import ModelNotFoundError, load
+from residkit.verify import verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCH_TABLE",
+    "ArchSpec",
+    "ModelNotFoundError",
+    "UnsupportedArchitectureError",
+    "capture_residuals",
+    "load",
+    "spec_for",
+    "verify",
+    "zoo",
+]

@@ -1,0 +1,84 @@
+"""Hook bookkeeping shared by every experiment.
+
+residkit adds hooks only inside context managers and removes them in ``finally`` blocks;
+these helpers make that checkable (``hook_count``) and let internal recomputation run
+without firing the user's hooks (``muted_hook_points``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+__all__ = ["hook_count", "muted_hook_points", "replaced_forward", "temporary_hooks"]
+
+
+def hook_count(model: nn.Module) -> int:
+    """Hooks and overrides residkit could leave behind on ``model``.
+
+    Counts every PyTorch hook on TransformerLens ``HookPoint``s (where user and residkit hooks
+    live) and every instance-level ``forward`` override on any submodule. The bridge wires
+    some PyTorch hooks of its own on other modules at its first forward; those are not ours
+    and are not counted. Tests compare this before and after every public call.
+    """
+    total = 0
+    for module in model.modules():
+        if isinstance(module, HookPoint):
+            total += len(module._forward_hooks) + len(module._forward_pre_hooks)
+            total += len(module._backward_hooks) + len(module.fwd_hooks) + len(module.bwd_hooks)
+        total += "forward" in module.__dict__
+    return total
+
+
+@contextmanager
+def temporary_hooks(model: Any, fwd_hooks: list[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
+    """Add TransformerLens forward hooks for the duration of the block, then remove them.
+
+    Thin wrapper over ``TransformerBridge.hooks`` that exists so every module adds hooks the
+    same way (and so a test can assert they are gone after an exception).
+    """
+    with model.hooks(fwd_hooks=fwd_hooks):
+        yield
+
+
+@contextmanager
+def muted_hook_points(module: nn.Module) -> Iterator[None]:
+    """Silence every TransformerLens ``HookPoint`` under ``module`` for the block.
+
+    Internal recomputation (K/V from checkpoints, for instance) runs the model's own layers;
+    a user's hook on ``hook_k`` must see each real forward once, not our recomputes too.
+    Only HookPoints are muted: PyTorch hooks the bridge uses internally keep running.
+    """
+    saved: list[tuple[HookPoint, Any, Any]] = []
+    try:
+        for sub in module.modules():
+            if isinstance(sub, HookPoint) and (sub._forward_hooks or sub._forward_pre_hooks):
+                saved.append((sub, sub._forward_hooks, sub._forward_pre_hooks))
+                sub._forward_hooks = OrderedDict()
+                sub._forward_pre_hooks = OrderedDict()
+        yield
+    finally:
+        for sub, fwd, pre in saved:
+            sub._forward_hooks = fwd
+            sub._forward_pre_hooks = pre
+
+
+@contextmanager
+def replaced_forward(
+    modules: list[nn.Module], forward: Callable[..., torch.Tensor]
+) -> Iterator[None]:
+    """Temporarily give ``modules`` an instance-level ``forward`` (restored on exit)."""
+    try:
+        for m in modules:
+            m.forward = forward
+        yield
+    finally:
+        for m in modules:
+            if "forward" in m.__dict__:
+                del m.forward

@@ -1,0 +1,62 @@
+"""capture_residuals equals run_with_cache bitwise, on every family, and leaves no hooks."""
+
+import pytest
+import torch
+
+import residkit
+from residkit.architectures import spec_for
+
+PROMPT = "Residual streams carry everything: 1 + 2 = 3."
+
+
+def test_equals_run_with_cache_bitwise(family: str, model_for, no_leaked_hooks) -> None:
+    model = model_for(family)
+    with no_leaked_hooks(model):
+        resid = residkit.capture_residuals(model, PROMPT)
+    _, cache = model.run_with_cache(PROMPT)
+    n = model.cfg.n_layers
+    spec = spec_for(model)
+    assert resid.shape == (n + 1, 1, model.to_tokens(PROMPT).shape[1], model.cfg.d_model)
+    for layer in range(n + 1):
+        assert torch.equal(resid[layer], cache[spec.resid_hook(layer, n)])
+    # Negative control: a one-layer shift is detected at every layer.
+    for layer in range(n):
+        assert not torch.equal(resid[layer], cache[spec.resid_hook(layer + 1, n)])
+
+
+def test_layer_subset_keeps_order(model_for) -> None:
+    model = model_for("llama")
+    full = residkit.capture_residuals(model, PROMPT)
+    part = residkit.capture_residuals(model, PROMPT, layers=[4, 0, 2])
+    assert torch.equal(part, full[[4, 0, 2]])
+
+
+def test_batch_of_prompts_and_token_tensor(model_for) -> None:
+    model = model_for("qwen3")
+    tokens = model.to_tokens(["abcdef", "ghijkl"])
+    by_text = residkit.capture_residuals(model, ["abcdef", "ghijkl"])
+    by_tokens = residkit.capture_residuals(model, tokens)
+    assert by_text.shape[1] == 2 and torch.equal(by_text, by_tokens)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "kwargs", "message"),
+    [
+        ("", {}, "empty prompt"),
+        ([], {}, "empty list"),
+        ("hi", {"layers": [5]}, r"layer\(s\) \[5\] out of range: this model has 4 layers"),
+        ("hi", {"layers": [-1]}, "out of range"),
+        (torch.zeros(1, 3), {}, "must be integer"),
+    ],
+)
+def test_bad_input(inputs, kwargs, message, model_for, no_leaked_hooks) -> None:
+    model = model_for("llama")
+    with no_leaked_hooks(model), pytest.raises(ValueError, match=message):
+        residkit.capture_residuals(model, inputs, **kwargs)
+
+
+def test_hooks_removed_when_forward_raises(model_for, no_leaked_hooks) -> None:
+    model = model_for("llama")
+    bad_tokens = torch.tensor([[1, 2, 10_000]])  # beyond the vocabulary: embedding raises
+    with no_leaked_hooks(model), pytest.raises(IndexError):
+        residkit.capture_residuals(model, bad_tokens)
