@@ -14,6 +14,14 @@ from residkit import zoo
 from residkit.architectures import ARCH_TABLE, ArchSpec, UnsupportedArchitectureError, spec_for
 from residkit.capture import capture_residuals
 from residkit.loading import ModelNotFoundError, load
+from residkit.patching import (
+    CrossTaskReport,
+    MarkovReport,
+    cross_task_suite,
+    markov_test,
+    patch_residual,
+    patching_sweep,
+)
 from residkit.verify import verify
 
 __version__ = "0.1.0"
@@ -21,10 +29,16 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCH_TABLE",
     "ArchSpec",
+    "CrossTaskReport",
+    "MarkovReport",
     "ModelNotFoundError",
     "UnsupportedArchitectureError",
     "capture_residuals",
+    "cross_task_suite",
     "load",
+    "markov_test",
+    "patch_residual",
+    "patching_sweep",
     "spec_for",
     "verify",
     "zoo",

@@ -73,12 +73,16 @@ def muted_hook_points(module: nn.Module) -> Iterator[None]:
 def replaced_forward(
     modules: list[nn.Module], forward: Callable[..., torch.Tensor]
 ) -> Iterator[None]:
-    """Temporarily give ``modules`` an instance-level ``forward`` (restored on exit)."""
+    """Temporarily give ``modules`` an instance-level ``forward`` (restored on exit).
+
+    Uses ``object.__setattr__``: the bridge's components forward ordinary attribute writes
+    to the wrapped HF module, which would leave the override somewhere ``del`` can't see.
+    """
     try:
         for m in modules:
-            m.forward = forward
+            object.__setattr__(m, "forward", forward)
         yield
     finally:
         for m in modules:
             if "forward" in m.__dict__:
-                del m.forward
+                object.__delattr__(m, "forward")

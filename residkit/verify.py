@@ -150,9 +150,16 @@ def _capture_section(model: TransformerBridge, ctx: VerifyContext) -> list[Check
     ]
 
 
+def _markov_section(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
+    from residkit.patching import markov_section
+
+    return markov_section(model, ctx)
+
+
 SECTIONS: list[tuple[str, Callable[[TransformerBridge, VerifyContext], list[Check]]]] = [
     ("load", _load_section),
     ("capture", _capture_section),
+    ("markov", _markov_section),
 ]
 """(name, section function), in the order ``verify`` runs them."""
 

@@ -1,5 +1,6 @@
 """Plotly figures. Every experiment's result object has a ``.figure()``; these are the shared ones."""
 
+from residkit.patching import patching_heatmap
 from residkit.viz.residual import residual_norm_figure
 
-__all__ = ["residual_norm_figure"]
+__all__ = ["patching_heatmap", "residual_norm_figure"]
