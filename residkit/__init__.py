@@ -13,6 +13,7 @@ Example:
 from residkit import zoo
 from residkit.architectures import ARCH_TABLE, ArchSpec, UnsupportedArchitectureError, spec_for
 from residkit.capture import capture_residuals
+from residkit.generation import Generation, generate
 from residkit.loading import ModelNotFoundError, load
 from residkit.patching import (
     CrossTaskReport,
@@ -22,6 +23,8 @@ from residkit.patching import (
     patch_residual,
     patching_sweep,
 )
+from residkit.policies import CachePolicy, FullCache, NoCache
+from residkit.reconstruction import KVReport, kv_reconstruction_report, recompute_kv
 from residkit.verify import verify
 
 __version__ = "0.1.0"
@@ -29,16 +32,24 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCH_TABLE",
     "ArchSpec",
+    "CachePolicy",
     "CrossTaskReport",
+    "FullCache",
+    "Generation",
+    "KVReport",
     "MarkovReport",
     "ModelNotFoundError",
+    "NoCache",
     "UnsupportedArchitectureError",
     "capture_residuals",
     "cross_task_suite",
+    "generate",
+    "kv_reconstruction_report",
     "load",
     "markov_test",
     "patch_residual",
     "patching_sweep",
+    "recompute_kv",
     "spec_for",
     "verify",
     "zoo",

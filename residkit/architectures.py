@@ -26,7 +26,14 @@ from typing import Any, Literal
 
 from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["ARCH_TABLE", "ArchSpec", "UnsupportedArchitectureError", "spec_for", "supported"]
+__all__ = [
+    "ARCH_TABLE",
+    "ArchSpec",
+    "UnsupportedArchitectureError",
+    "hf_config",
+    "spec_for",
+    "supported",
+]
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -179,6 +186,11 @@ _BY_MODEL_TYPE = {mt: row for row in _ROWS for mt in row.model_types}
 def supported() -> tuple[str, ...]:
     """Names of the supported families."""
     return tuple(ARCH_TABLE)
+
+
+def hf_config(model: TransformerBridge) -> Any:
+    """The HF config of the model a bridge wraps."""
+    return model.original_model.config
 
 
 def spec_for(model: TransformerBridge | Any) -> ArchSpec:

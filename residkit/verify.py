@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -20,7 +19,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._hooks import hook_count
-from residkit.architectures import spec_for
+from residkit.architectures import hf_config, spec_for
 from residkit.capture import capture_residuals
 
 __all__ = ["SECTIONS", "Check", "VerifyContext", "VerifyReport", "verify"]
@@ -89,7 +88,7 @@ class VerifyReport:
 def _load_section(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
     spec = spec_for(model)
     cfg = model.cfg
-    hf_cfg: Any = model.original_model.config
+    hf_cfg = hf_config(model)
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     params = sum(p.numel() for p in model.original_model.parameters())
     sliding = spec.sliding_layers(hf_cfg)
@@ -156,10 +155,17 @@ def _markov_section(model: TransformerBridge, ctx: VerifyContext) -> list[Check]
     return markov_section(model, ctx)
 
 
+def _kv_section(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
+    from residkit.reconstruction import reconstruction_section
+
+    return reconstruction_section(model, ctx)
+
+
 SECTIONS: list[tuple[str, Callable[[TransformerBridge, VerifyContext], list[Check]]]] = [
     ("load", _load_section),
     ("capture", _capture_section),
     ("markov", _markov_section),
+    ("kv", _kv_section),
 ]
 """(name, section function), in the order ``verify`` runs them."""
 

@@ -1,0 +1,247 @@
+"""The decoding loop. Policies decide what is kept; this loop decides what is generated.
+
+Every policy is driven the same way: ``prefill(prompt)``, then ``step(token)`` per new token,
+with the same sampler. So any difference in output between two policies is a difference in
+what attention saw, never in how tokens were chosen.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from residkit.capture import Inputs, to_tokens
+from residkit.policies import CachePolicy, FullCache, MemoryStats, NoCache
+
+__all__ = ["Generation", "GenerationStats", "generate", "resolve_policy", "sample_next"]
+
+_NAMED = {"full": FullCache, "none": NoCache}
+
+
+def resolve_policy(policy: CachePolicy | str) -> CachePolicy:
+    """A policy object from itself or its name (``"full"``, ``"none"``)."""
+    if isinstance(policy, CachePolicy):
+        return policy
+    if isinstance(policy, str) and policy in _NAMED:
+        return _NAMED[policy]()
+    raise ValueError(
+        f"unknown cache policy {policy!r}; pass a CachePolicy object or one of {sorted(_NAMED)}"
+    )
+
+
+@dataclass
+class GenerationStats(MemoryStats):
+    """Memory (from the session) plus timing of one generation."""
+
+    total_seconds: float = 0.0
+    new_tokens: int = 0
+    max_logit_deviation: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.total_seconds if self.total_seconds > 0 else float("nan")
+
+
+@dataclass
+class Generation:
+    """The result of :func:`generate`.
+
+    Attributes:
+        prompt_tokens: ``[pos]`` ids of the prompt.
+        tokens: ``[new]`` ids generated.
+        text: The generated text (decoded new tokens).
+        policy: The policy that was used.
+        stats: Memory and timing.
+        logits: ``[new, vocab]`` logits each new token was chosen from, if requested.
+    """
+
+    prompt_tokens: Int[Tensor, " pos"]
+    tokens: Int[Tensor, " new"]
+    text: str
+    policy: CachePolicy
+    stats: GenerationStats
+    logits: Float[Tensor, "new vocab"] | None = None
+    token_strs: list[str] = field(default_factory=list)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per new token: step, token id, token text, and its log-prob if logits kept."""
+        df = pd.DataFrame(
+            {
+                "step": range(len(self.tokens)),
+                "token": self.tokens.tolist(),
+                "text": self.token_strs,
+            }
+        )
+        if self.logits is not None:
+            logp = torch.log_softmax(self.logits.double(), -1)
+            df["logprob"] = logp.gather(1, self.tokens.view(-1, 1)).squeeze(1).tolist()
+        return df
+
+    def figure(self) -> go.Figure:
+        """Bytes held after each forward: active K/V and checkpoints."""
+        steps = list(range(len(self.stats.per_step)))
+        fig = go.Figure()
+        fig.add_scatter(x=steps, y=[a for a, _ in self.stats.per_step], name="active K/V")
+        fig.add_scatter(x=steps, y=[c for _, c in self.stats.per_step], name="checkpoints")
+        fig.update_layout(
+            title=f"Memory per step: {self.policy!r}",
+            xaxis_title="forward (0 = prefill)",
+            yaxis_title="bytes",
+        )
+        return fig
+
+
+def sample_next(
+    logits: Float[Tensor, "1 vocab"],
+    *,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Int[Tensor, "1 1"]:
+    """Greedy argmax, or a sample after temperature, top-k and top-p (nucleus) filtering."""
+    if not do_sample:
+        return logits.argmax(-1, keepdim=True)
+    scores = logits.double() / temperature
+    if top_k is not None:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cum = torch.softmax(sorted_scores, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_scores, -1) >= top_p  # keep the token that crosses p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(scores, -1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def _check_args(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def generate(
+    model: TransformerBridge,
+    prompt: Inputs,
+    *,
+    max_new_tokens: int = 32,
+    policy: CachePolicy | str = "full",
+    cache: str | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    return_logits: bool = False,
+    forced_tokens: Int[Tensor, " new"] | None = None,
+) -> Generation:
+    """Decode ``max_new_tokens`` tokens from ``prompt`` under a cache policy.
+
+    Args:
+        model: A bridge from :func:`residkit.load`.
+        prompt: One prompt (string or token ids).
+        max_new_tokens: How many tokens to generate (fewer if EOS and ``stop_at_eos``).
+        policy: A :class:`~residkit.policies.CachePolicy` or ``"full"`` / ``"none"``.
+        cache: Alias of ``policy`` for the names ``"full"`` and ``"none"``.
+        do_sample: Sample instead of greedy argmax.
+        temperature, top_k, top_p: Sampling filters (ignored when greedy).
+        seed: Seed of the sampler's own ``torch.Generator`` (same seed, same draws, whatever
+            the policy).
+        stop_at_eos: Stop after the tokenizer's EOS token.
+        return_logits: Keep the ``[new, vocab]`` logits each token was chosen from.
+        forced_tokens: Teacher forcing: feed these tokens instead of the chosen ones (the
+            logits are still those the policy produced). Used to compare distributions.
+
+    Returns:
+        A :class:`Generation`.
+
+    Raises:
+        ValueError: bad sampling arguments, unknown policy, empty prompt, or a prompt plus
+            ``max_new_tokens`` longer than the model's context.
+
+    Example:
+        >>> import residkit
+        >>> model = residkit.load("zoo:gpt2")
+        >>> a = residkit.generate(model, "Once upon", max_new_tokens=8, cache="none")
+        >>> b = residkit.generate(model, "Once upon", max_new_tokens=8, cache="full")
+        >>> torch.equal(a.tokens, b.tokens)
+        True
+    """
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    chosen = resolve_policy(cache if cache is not None else policy)
+    tokens = to_tokens(model, prompt)
+    if tokens.shape[0] != 1:
+        raise ValueError(f"generate takes one prompt, got a batch of {tokens.shape[0]}")
+    n_ctx = model.cfg.n_ctx
+    if tokens.shape[1] + max_new_tokens > n_ctx:
+        raise ValueError(
+            f"prompt of {tokens.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the "
+            f"model's context of {n_ctx} tokens"
+        )
+    if forced_tokens is not None and len(forced_tokens) < max_new_tokens:
+        raise ValueError(
+            f"forced_tokens has {len(forced_tokens)} tokens but max_new_tokens={max_new_tokens}"
+        )
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=tokens.device).manual_seed(seed)
+    eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
+
+    start = time.perf_counter()
+    session = chosen.open(model)
+    new: list[Tensor] = []
+    kept_logits: list[Tensor] = []
+    try:
+        logits = session.prefill(tokens) if max_new_tokens > 0 else None
+        for i in range(max_new_tokens):
+            assert logits is not None
+            if return_logits:
+                kept_logits.append(logits[0].detach().clone())
+            nxt = sample_next(
+                logits,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+            )
+            if forced_tokens is not None:
+                nxt = forced_tokens[i].view(1, 1).to(nxt)
+            new.append(nxt[0, 0])
+            if (eos is not None and int(nxt) == eos) or i == max_new_tokens - 1:
+                break
+            logits = session.step(nxt)
+    finally:
+        session.close()
+    elapsed = time.perf_counter() - start
+
+    stats = GenerationStats(**vars(session.memory))
+    stats.total_seconds, stats.new_tokens = elapsed, len(new)
+    stats.max_logit_deviation = getattr(session, "max_logit_deviation", None)
+    out = torch.stack(new) if new else torch.zeros(0, dtype=torch.long)
+    return Generation(
+        prompt_tokens=tokens[0],
+        tokens=out,
+        text=model.tokenizer.decode(out.tolist()) if model.tokenizer is not None else "",
+        policy=chosen,
+        stats=stats,
+        logits=torch.stack(kept_logits) if return_logits and kept_logits else None,
+        token_strs=[model.tokenizer.decode([t]) for t in out.tolist()] if model.tokenizer else [],
+    )

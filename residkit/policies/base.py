@@ -1,0 +1,78 @@
+"""The cache-policy interface shared by every decoding mode.
+
+A policy is a small, stateless description (``FullCache()``, ``KVDirect(budget=16)``); calling
+``policy.open(model)`` gives a :class:`CacheSession` that holds the state of one generation.
+The engine in :mod:`residkit.generation` drives sessions through ``prefill`` and ``step`` and
+knows nothing else about them, so a new policy is one small file.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+__all__ = ["CachePolicy", "CacheSession", "MemoryStats"]
+
+
+@dataclass
+class MemoryStats:
+    """Bytes a session holds, updated after every forward.
+
+    Attributes:
+        active_kv_bytes: K/V tensors attention reads directly (current and peak).
+        checkpoint_bytes: Residual checkpoints (or token ids) kept instead of evicted K/V.
+        transient_bytes: Peak size of K/V recomputed for one forward and then freed.
+        tokens_evicted: Tokens whose K/V left the active cache.
+        per_step: ``(active_kv_bytes, checkpoint_bytes)`` after each forward.
+    """
+
+    active_kv_bytes: int = 0
+    peak_active_kv_bytes: int = 0
+    checkpoint_bytes: int = 0
+    peak_checkpoint_bytes: int = 0
+    peak_transient_bytes: int = 0
+    tokens_evicted: int = 0
+    recompute_seconds: float = 0.0
+    per_step: list[tuple[int, int]] = field(default_factory=list)
+
+    def record(self, active: int, checkpoints: int, transient: int = 0) -> None:
+        self.active_kv_bytes, self.checkpoint_bytes = active, checkpoints
+        self.peak_active_kv_bytes = max(self.peak_active_kv_bytes, active)
+        self.peak_checkpoint_bytes = max(self.peak_checkpoint_bytes, checkpoints)
+        self.peak_transient_bytes = max(self.peak_transient_bytes, transient)
+        self.per_step.append((active, checkpoints))
+
+
+class CacheSession(ABC):
+    """The state of one generation under one policy."""
+
+    def __init__(self, model: TransformerBridge) -> None:
+        self.model = model
+        self.memory = MemoryStats()
+
+    @abstractmethod
+    def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
+        """Run the prompt; return the logits of its last position."""
+
+    @abstractmethod
+    def step(self, token: Int[Tensor, "1 1"]) -> Float[Tensor, "1 vocab"]:
+        """Append one token; return its logits."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most sessions hold nothing external
+        """Release anything the session put on the model (hooks, overrides)."""
+
+
+class CachePolicy(ABC):
+    """A description of how K/V are kept; ``open`` makes a session."""
+
+    name: str = "policy"
+
+    @abstractmethod
+    def open(self, model: TransformerBridge) -> CacheSession:
+        """Start a session for one generation on ``model``."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({fields})"

@@ -1,0 +1,51 @@
+"""NoCache: no K/V kept at all; every step recomputes the whole sequence from the tokens."""
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from residkit.policies.base import CachePolicy, CacheSession
+
+__all__ = ["NoCache"]
+
+
+class _NoCacheSession(CacheSession):
+    def __init__(self, model: TransformerBridge) -> None:
+        super().__init__(model)
+        self.tokens: Tensor | None = None
+
+    def _run(self) -> Tensor:
+        assert self.tokens is not None
+        ids = self.tokens.numel() * self.tokens.element_size()
+        self.memory.record(0, ids)  # the token ids are all it keeps
+        return self.model(self.tokens)[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
+        self.tokens = tokens
+        return self._run()
+
+    @torch.no_grad()
+    def step(self, token: Int[Tensor, "1 1"]) -> Float[Tensor, "1 vocab"]:
+        assert self.tokens is not None
+        self.tokens = torch.cat([self.tokens, token], dim=1)
+        return self._run()
+
+
+class NoCache(CachePolicy):
+    """Recompute everything from scratch every step, with no ``past_key_values``.
+
+    Example:
+        >>> import residkit
+        >>> model = residkit.load("zoo:llama")
+        >>> full = residkit.generate(model, "ab", max_new_tokens=4, policy="full")
+        >>> none = residkit.generate(model, "ab", max_new_tokens=4, policy=NoCache())
+        >>> bool((full.tokens == none.tokens).all())
+        True
+    """
+
+    name = "none"
+
+    def open(self, model: TransformerBridge) -> CacheSession:
+        return _NoCacheSession(model)

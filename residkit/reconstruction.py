@@ -1,0 +1,422 @@
+"""K and V recomputed from the residual stream, compared bit for bit with the model's own.
+
+:func:`recompute_kv` reuses the model's own decoder layer instead of re-deriving a formula per
+family: it runs layer ``l`` on the residual with a ``transformers.Cache`` whose ``update()``
+records ``(k, v)`` and stops the forward right there. Whatever the family does before the
+cache write (norm, fused QKV split, biases, QK-norm, partial or per-layer-type rotary) is done
+by the family's own code, and attention scores and the MLP are never computed.
+
+**When is it bit-identical?** On CPU, a float32 GEMM row computed alone (M = 1) can differ in
+the last bits from the same row computed inside a larger matrix, and the thread count changes
+which rows differ. So ``mode="exact"`` recomputes every original chunk with its original shape
+(the prompt as one chunk, then each decoded token alone) and is bitwise equal; ``mode="batched"``
+recomputes all positions in one call and reports the max error. See ``docs/gemm_shapes.md``.
+"""
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+from transformers.cache_utils import Cache
+
+from residkit._hooks import muted_hook_points, temporary_hooks
+from residkit.architectures import ArchSpec, hf_config, spec_for
+from residkit.capture import Inputs, capture_residuals, to_tokens
+
+if TYPE_CHECKING:
+    from residkit.verify import Check, VerifyContext
+
+__all__ = ["KVReport", "kv_reconstruction_report", "recompute_kv"]
+
+MODES = ("exact", "batched")
+
+
+class _Captured(Exception):
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        self.keys, self.values = keys, values
+
+
+class _CaptureCache(Cache):
+    """A cache whose first ``update`` hands back (k, v) by stopping the layer's forward."""
+
+    def __init__(self) -> None:  # no layers: nothing is ever stored
+        self.layers = []
+        self.layer_class_to_replicate = None
+        self.offloading = False
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *a: Any, **k: Any
+    ) -> Any:
+        raise _Captured(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return 0
+
+
+def _rotary(model: TransformerBridge, spec: ArchSpec, layer: int, x: Tensor, pos: Tensor) -> Any:
+    if spec.rotary_path is None:
+        return None
+    rot = operator.attrgetter(spec.rotary_path)(model.original_model)
+    if spec.rotary_by_layer_type:
+        return rot(x, pos, spec.layer_type(hf_config(model), layer))
+    return rot(x, pos)
+
+
+def layer_kv(
+    model: TransformerBridge,
+    layer: int,
+    residual: Tensor,
+    position_ids: Tensor,
+    *,
+    pre_rotary_keys: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Unchecked core of :func:`recompute_kv`; also returns pre-rotary keys if asked.
+
+    User hooks do not fire: the layer's and the rotary module's hook points are muted.
+    """
+    spec = spec_for(model)
+    block = model.blocks[layer]
+    pre: list[Tensor] = []
+    rot_module = (
+        operator.attrgetter(spec.rotary_path)(model.original_model) if spec.rotary_path else None
+    )
+    with muted_hook_points(block), muted_hook_points(rot_module or block):
+        handle = None
+        if pre_rotary_keys:
+            hp = model.hook_dict[spec.pre_rotary_key_hook.format(layer=layer)]
+            # A raw PyTorch hook sees the flat [batch, pos, heads * d_head] projection; the
+            # HookPoint's user-facing view splits heads, so do the same here.
+            d_head = model.cfg.d_head
+            handle = hp.register_forward_hook(
+                lambda m, i, out: pre.append(out.detach().unflatten(-1, (-1, d_head)).clone())
+            )
+        try:
+            block(
+                residual,
+                attention_mask=None,
+                position_ids=position_ids,
+                past_key_values=_CaptureCache(),
+                use_cache=True,
+                position_embeddings=_rotary(model, spec, layer, residual, position_ids),
+                cache_position=position_ids[0],
+            )
+        except _Captured as got:
+            return got.keys, got.values, (pre[0] if pre else None)
+        finally:
+            if handle is not None:
+                handle.remove()
+    raise RuntimeError(f"layer {layer} of {spec.family} finished without writing to its cache")
+
+
+@torch.no_grad()
+def recompute_kv(
+    model: TransformerBridge,
+    layer: int,
+    residual: Float[Tensor, "batch pos d_model"],
+    positions: Sequence[int] | Int[Tensor, " pos"] | Int[Tensor, "batch pos"],
+) -> tuple[
+    Float[Tensor, "batch n_kv_heads pos d_head"], Float[Tensor, "batch n_kv_heads pos d_head"]
+]:
+    """K and V of block ``layer`` from the residual entering it, exactly as attention sees them.
+
+    Args:
+        model: A bridge from :func:`residkit.load`.
+        layer: Block index, ``0..n_layers - 1``.
+        residual: ``blocks.{layer}.hook_resid_pre`` values.
+        positions: Absolute positions of the residual's tokens (rotary needs them).
+
+    Returns:
+        ``(keys, values)``, each ``[batch, n_kv_heads, pos, d_head]``, keys after any k-norm and
+        rotary (with the layer's own rope base on Gemma 3).
+
+    Raises:
+        ValueError: layer out of range, residual of the wrong width, positions of wrong length.
+
+    Example:
+        >>> import residkit
+        >>> model = residkit.load("zoo:qwen3")
+        >>> resid = residkit.capture_residuals(model, "abc", layers=[1])[0]
+        >>> k, v = recompute_kv(model, 1, resid, positions=range(resid.shape[1]))
+        >>> k.shape
+        torch.Size([1, 2, 3, 16])
+    """
+    n = model.cfg.n_layers
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} out of range: this model has blocks 0..{n - 1}")
+    if residual.shape[-1] != model.cfg.d_model:
+        raise ValueError(
+            f"residual has width {residual.shape[-1]} but d_model is {model.cfg.d_model}"
+        )
+    pos = torch.as_tensor(list(positions) if not isinstance(positions, Tensor) else positions)
+    pos = pos.to(device=residual.device, dtype=torch.long)
+    if pos.ndim == 1:
+        pos = pos.unsqueeze(0).expand(residual.shape[0], -1)
+    if pos.shape != residual.shape[:2]:
+        raise ValueError(
+            f"positions have shape {tuple(pos.shape)} but the residual has "
+            f"{residual.shape[1]} positions (batch {residual.shape[0]})"
+        )
+    if (pos < 0).any():
+        raise ValueError("positions must be non-negative absolute positions")
+    keys, values, _ = layer_kv(model, layer, residual, pos)
+    return keys, values
+
+
+@dataclass
+class KVReport:
+    """Result of :func:`kv_reconstruction_report`: per layer, recomputed vs hooks vs cache."""
+
+    rows: list[dict[str, Any]]
+    mode: str
+    chunks: list[int]
+    family: str
+
+    @property
+    def exact(self) -> bool:
+        """True when K and V equal both references bitwise at every layer."""
+        cols = ["k_hook_equal", "v_hook_equal", "k_cache_equal", "v_cache_equal"]
+        return all(bool(r[c]) for r in self.rows for c in cols)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per layer: equality flags and max |error| against hooks and the cache."""
+        return pd.DataFrame(self.rows)
+
+    def figure(self) -> go.Figure:
+        """Max |recomputed - reference| per layer (0 plotted as 0: every bar absent = exact)."""
+        df = self.table
+        fig = go.Figure()
+        for col in ("k_hook_max_err", "v_hook_max_err", "k_cache_max_err", "v_cache_max_err"):
+            fig.add_bar(x=df["layer"], y=df[col], name=col.replace("_max_err", ""))
+        fig.update_layout(
+            title=f"K/V from residuals, mode={self.mode} ({self.family}): "
+            f"{'bitwise exact' if self.exact else 'not bitwise'}",
+            xaxis_title="layer",
+            yaxis_title="max |error|",
+            barmode="group",
+        )
+        return fig
+
+
+def _err(a: Tensor, b: Tensor) -> tuple[bool, float]:
+    if a.shape != b.shape:
+        return False, float("inf")
+    return torch.equal(a, b), (a.double() - b.double()).abs().max().item()
+
+
+@torch.no_grad()
+def kv_reconstruction_report(
+    model: TransformerBridge,
+    inputs: Inputs,
+    *,
+    mode: str = "exact",
+    decode_steps: int = 0,
+) -> KVReport:
+    """Recompute K/V at every layer from captured residuals and compare with the model's own.
+
+    The model runs the prompt with its own cache (``use_cache=True``), then ``decode_steps``
+    greedy tokens one at a time, while residkit captures the residual entering every block and
+    the hook values. K/V recomputed from those residuals are compared with (a) the hooks
+    (``key_hook`` of the architecture table, or the pre-rotary ``hook_k`` for families whose
+    bridge fires no post-rotary hook) and ``hook_v``, and (b) the K/V in the model's cache (for
+    sliding-window layers, the window the model keeps).
+
+    Args:
+        model: A bridge from :func:`residkit.load`.
+        inputs: One prompt.
+        mode: ``"exact"``: each original chunk (the prompt, then each decoded token) recomputed
+            with its original shape, bitwise. ``"batched"``: all positions in one call.
+        decode_steps: Greedy tokens decoded after the prompt, each a chunk of one.
+
+    Example:
+        >>> import residkit
+        >>> model = residkit.load("zoo:gemma3")
+        >>> kv_reconstruction_report(model, "Keys are projections.", decode_steps=3).exact
+        True
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if decode_steps < 0:
+        raise ValueError(f"decode_steps must be >= 0, got {decode_steps}")
+    spec = spec_for(model)
+    tokens = to_tokens(model, inputs)
+    if tokens.shape[0] != 1:
+        raise ValueError(
+            f"kv_reconstruction_report takes one prompt, got a batch of {tokens.shape[0]}"
+        )
+    n = model.cfg.n_layers
+    key_hook = spec.key_hook or spec.pre_rotary_key_hook
+    store: dict[str, list[Tensor]] = {}
+
+    def saver(name: str) -> Any:
+        def save(act: Tensor, hook: object) -> None:
+            store.setdefault(name, []).append(act.detach().clone())
+
+        return save
+
+    names = [spec.resid_pre_hook, key_hook, spec.value_hook]
+    hooks = [
+        (h.format(layer=layer), saver(h.format(layer=layer))) for layer in range(n) for h in names
+    ]
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=hf_config(model))
+    chunks = [tokens.shape[1]]
+    with temporary_hooks(model, hooks):
+        logits = model(tokens, past_key_values=cache)
+        for _ in range(decode_steps):
+            nxt = logits[:, -1:].argmax(-1)
+            logits = model(nxt, past_key_values=cache)
+            chunks.append(1)
+    total = sum(chunks)
+    starts = [sum(chunks[:i]) for i in range(len(chunks))]
+    rows = []
+    for layer in range(n):
+        resid = store[spec.resid_pre_hook.format(layer=layer)]
+        if mode == "exact":
+            parts = [
+                layer_kv(
+                    model,
+                    layer,
+                    r,
+                    torch.arange(s, s + r.shape[1]).unsqueeze(0),
+                    pre_rotary_keys=spec.key_hook is None,
+                )
+                for r, s in zip(resid, starts, strict=True)
+            ]
+        else:
+            parts = [
+                layer_kv(
+                    model,
+                    layer,
+                    torch.cat(resid, dim=1),
+                    torch.arange(total).unsqueeze(0),
+                    pre_rotary_keys=spec.key_hook is None,
+                )
+            ]
+        k = torch.cat([p[0] for p in parts], dim=2)
+        v = torch.cat([p[1] for p in parts], dim=2)
+        hook_k = torch.cat(store[key_hook.format(layer=layer)], dim=1).transpose(1, 2)
+        hook_v = torch.cat(store[spec.value_hook.format(layer=layer)], dim=1).transpose(1, 2)
+        pre = [p[2] for p in parts if p[2] is not None]
+        k_for_hook = k if spec.key_hook else torch.cat(pre, dim=1).transpose(1, 2)
+        layer_cache: Any = cache.layers[layer]
+        cached_k, cached_v = layer_cache.keys, layer_cache.values
+        kept = cached_k.shape[2]
+        k_hook_eq, k_hook_err = _err(k_for_hook, hook_k)
+        v_hook_eq, v_hook_err = _err(v, hook_v)
+        k_cache_eq, k_cache_err = _err(k[:, :, total - kept :], cached_k)
+        v_cache_eq, v_cache_err = _err(v[:, :, total - kept :], cached_v)
+        rows.append(
+            {
+                "layer": layer,
+                "layer_type": spec.layer_type(hf_config(model), layer),
+                "key_hook": key_hook.format(layer=layer).split(".")[-1]
+                + ("" if spec.key_hook else " (pre-rotary)"),
+                "cached_positions": kept,
+                "k_hook_equal": k_hook_eq,
+                "k_hook_max_err": k_hook_err,
+                "v_hook_equal": v_hook_eq,
+                "v_hook_max_err": v_hook_err,
+                "k_cache_equal": k_cache_eq,
+                "k_cache_max_err": k_cache_err,
+                "v_cache_equal": v_cache_eq,
+                "v_cache_max_err": v_cache_err,
+            }
+        )
+    return KVReport(rows=rows, mode=mode, chunks=chunks, family=spec.family)
+
+
+@torch.no_grad()
+def gemm_shape_finding(
+    model: TransformerBridge,
+    inputs: Inputs,
+    *,
+    layer: int = 0,
+    threads: Sequence[int] = (1, 2),
+) -> pd.DataFrame:
+    """Measure how often a GEMM row computed alone differs from the same row in a batch.
+
+    Recomputes layer ``layer``'s K/V twice from the same captured residual: once as one call
+    over all positions (the prompt's original shape), once one position at a time (M = 1),
+    under each torch thread count, and counts positions whose K or V differ bitwise.
+
+    Returns:
+        One row per thread count: positions, positions_differing, max_abs_err.
+    """
+    tokens = to_tokens(model, inputs)
+    resid = capture_residuals(model, tokens, layers=[layer])[0]
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0)
+    before = torch.get_num_threads()
+    rows = []
+    try:
+        for n_threads in threads:
+            torch.set_num_threads(n_threads)
+            k_all, v_all, _ = layer_kv(model, layer, resid, pos)
+            singles = [
+                layer_kv(model, layer, resid[:, i : i + 1], pos[:, i : i + 1])
+                for i in range(pos.shape[1])
+            ]
+            k_one = torch.cat([s[0] for s in singles], dim=2)
+            v_one = torch.cat([s[1] for s in singles], dim=2)
+            differs = (
+                (k_all != k_one).flatten(3).any(-1) | (v_all != v_one).flatten(3).any(-1)
+            ).any(1)
+            err = max((k_all - k_one).abs().max().item(), (v_all - v_one).abs().max().item())
+            rows.append(
+                {
+                    "threads": n_threads,
+                    "positions": pos.shape[1],
+                    "positions_differing": int(differs.sum()),
+                    "max_abs_err": err,
+                    "dtype": str(resid.dtype).removeprefix("torch."),
+                }
+            )
+    finally:
+        torch.set_num_threads(before)
+    return pd.DataFrame(rows)
+
+
+def reconstruction_section(model: TransformerBridge, ctx: "VerifyContext") -> "list[Check]":
+    """``residkit verify`` rows: exact and batched K/V reconstruction on one prompt + 8 tokens."""
+    from residkit.verify import Check
+
+    exact = kv_reconstruction_report(model, ctx.prompts[0], decode_steps=8)
+    batched = kv_reconstruction_report(model, ctx.prompts[0], decode_steps=8, mode="batched")
+    worst = max(batched.table[["k_cache_max_err", "v_cache_max_err"]].max())
+    from residkit.generation import generate
+
+    full = generate(model, ctx.prompts[1], max_new_tokens=24, cache="full")
+    none = generate(model, ctx.prompts[1], max_new_tokens=24, cache="none")
+    same = torch.equal(full.tokens, none.tokens)
+    return [
+        Check(
+            "kv",
+            "K/V from residuals == hooks and model cache (exact mode, bitwise)",
+            f"{int(exact.table[['k_cache_equal', 'v_cache_equal']].all(axis=1).sum())}/"
+            f"{len(exact.rows)} layers bitwise over chunks {exact.chunks[:1]}+{len(exact.chunks) - 1}x1",
+            exact.exact,
+            ctx.save(exact.figure(), "kv_exact"),
+        ),
+        Check(
+            "kv",
+            "batched recompute (one GEMM for all positions): max |error|",
+            f"{worst:.3g} ({'bitwise' if batched.exact else 'not bitwise'})",
+            None,
+            ctx.save(batched.figure(), "kv_batched"),
+        ),
+        Check(
+            "kv",
+            "greedy decoding with no cache == full cache (24 tokens)",
+            f"{int((full.tokens == none.tokens).sum()) if len(full.tokens) == len(none.tokens) else 0}"
+            f"/{len(full.tokens)} tokens equal",
+            same,
+        ),
+    ]
