@@ -13,7 +13,7 @@ Example:
 from residkit import zoo
 from residkit.architectures import ARCH_TABLE, ArchSpec, UnsupportedArchitectureError, spec_for
 from residkit.capture import capture_residuals
-from residkit.generation import Generation, generate
+from residkit.generation import Chat, Generation, generate, generate_kvdirect
 from residkit.loading import ModelNotFoundError, load
 from residkit.patching import (
     CrossTaskReport,
@@ -23,8 +23,9 @@ from residkit.patching import (
     patch_residual,
     patching_sweep,
 )
-from residkit.policies import CachePolicy, FullCache, NoCache
+from residkit.policies import CachePolicy, FullCache, KVDirect, NoCache
 from residkit.reconstruction import KVReport, kv_reconstruction_report, recompute_kv
+from residkit.spectra import QKSpectra, qk_spectra
 from residkit.verify import verify
 
 __version__ = "0.1.0"
@@ -33,24 +34,38 @@ __all__ = [
     "ARCH_TABLE",
     "ArchSpec",
     "CachePolicy",
+    "Chat",
     "CrossTaskReport",
     "FullCache",
     "Generation",
+    "KVDirect",
     "KVReport",
     "MarkovReport",
     "ModelNotFoundError",
     "NoCache",
+    "QKSpectra",
     "UnsupportedArchitectureError",
     "capture_residuals",
     "cross_task_suite",
     "generate",
+    "generate_kvdirect",
     "kv_reconstruction_report",
     "load",
     "markov_test",
     "patch_residual",
     "patching_sweep",
+    "qk_spectra",
     "recompute_kv",
     "spec_for",
     "verify",
     "zoo",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ipywidgets and anywidget load only when the widgets are asked for.
+    if name == "widgets":
+        import importlib
+
+        return importlib.import_module("residkit.widgets")
+    raise AttributeError(f"module 'residkit' has no attribute {name!r}")

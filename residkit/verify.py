@@ -161,11 +161,18 @@ def _kv_section(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
     return reconstruction_section(model, ctx)
 
 
+def _spectra_section(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
+    from residkit.spectra import spectra_section
+
+    return spectra_section(model, ctx)
+
+
 SECTIONS: list[tuple[str, Callable[[TransformerBridge, VerifyContext], list[Check]]]] = [
     ("load", _load_section),
     ("capture", _capture_section),
     ("markov", _markov_section),
     ("kv", _kv_section),
+    ("qk_spectra", _spectra_section),
 ]
 """(name, section function), in the order ``verify`` runs them."""
 

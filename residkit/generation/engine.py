@@ -16,9 +16,18 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit.capture import Inputs, to_tokens
-from residkit.policies import CachePolicy, FullCache, MemoryStats, NoCache
+from residkit.policies import CachePolicy, CacheSession, FullCache, MemoryStats, NoCache
 
-__all__ = ["Generation", "GenerationStats", "generate", "resolve_policy", "sample_next"]
+__all__ = [
+    "Generation",
+    "GenerationStats",
+    "Sampler",
+    "decode_loop",
+    "generate",
+    "generate_kvdirect",
+    "resolve_policy",
+    "sample_next",
+]
 
 _NAMED = {"full": FullCache, "none": NoCache}
 
@@ -122,6 +131,98 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)
 
 
+@dataclass
+class Sampler:
+    """How the next token is chosen (shared by :func:`generate` and :class:`Chat`)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return sample_next(
+            logits,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            generator=self.generator,
+        )
+
+
+def decode_loop(
+    session: CacheSession,
+    logits: Tensor | None,
+    max_new_tokens: int,
+    sampler: Sampler,
+    eos: int | None,
+    return_logits: bool = False,
+    forced_tokens: Tensor | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Choose ``max_new_tokens`` tokens starting from ``logits``; the last one is not fed back."""
+    new: list[Tensor] = []
+    kept: list[Tensor] = []
+    for i in range(max_new_tokens):
+        assert logits is not None
+        if return_logits:
+            kept.append(logits[0].detach().clone())
+        nxt = sampler(logits)
+        if forced_tokens is not None:
+            nxt = forced_tokens[i].view(1, 1).to(nxt)
+        new.append(nxt[0, 0])
+        if (eos is not None and int(nxt) == eos) or i == max_new_tokens - 1:
+            break
+        logits = session.step(nxt)
+    return new, kept
+
+
+def generate_kvdirect(
+    model: TransformerBridge,
+    prompt: Inputs,
+    *,
+    max_new_tokens: int = 64,
+    budget: int = 64,
+    checkpoint: str = "layer",
+    mode: str = "exact",
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    return_logits: bool = False,
+    measure_deviation: bool = False,
+) -> Generation:
+    """Decode with KV-Direct: :func:`generate` with ``policy=KVDirect(budget, checkpoint, mode)``.
+
+    See :class:`residkit.policies.KVDirect` for the mechanism and the memory accounting.
+
+    Example:
+        >>> import residkit
+        >>> model = residkit.load("zoo:gemma3")
+        >>> gen = residkit.generate_kvdirect(model, "The residual", max_new_tokens=8, budget=4)
+        >>> gen.stats.tokens_evicted > 0
+        True
+    """
+    from residkit.policies import KVDirect
+
+    return generate(
+        model,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        policy=KVDirect(budget, checkpoint, mode, measure_deviation=measure_deviation),
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop_at_eos=stop_at_eos,
+        return_logits=return_logits,
+    )
+
+
 def _check_args(
     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
 ) -> None:
@@ -203,31 +304,15 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=tokens.device).manual_seed(seed)
     eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
+    sampler = Sampler(do_sample, temperature, top_k, top_p, generator)
 
     start = time.perf_counter()
     session = chosen.open(model)
-    new: list[Tensor] = []
-    kept_logits: list[Tensor] = []
     try:
         logits = session.prefill(tokens) if max_new_tokens > 0 else None
-        for i in range(max_new_tokens):
-            assert logits is not None
-            if return_logits:
-                kept_logits.append(logits[0].detach().clone())
-            nxt = sample_next(
-                logits,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )
-            if forced_tokens is not None:
-                nxt = forced_tokens[i].view(1, 1).to(nxt)
-            new.append(nxt[0, 0])
-            if (eos is not None and int(nxt) == eos) or i == max_new_tokens - 1:
-                break
-            logits = session.step(nxt)
+        new, kept_logits = decode_loop(
+            session, logits, max_new_tokens, sampler, eos, return_logits, forced_tokens
+        )
     finally:
         session.close()
     elapsed = time.perf_counter() - start

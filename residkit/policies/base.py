@@ -54,7 +54,7 @@ class CacheSession(ABC):
 
     @abstractmethod
     def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
-        """Run the prompt; return the logits of its last position."""
+        """Append a chunk of tokens (the prompt, or a later chat turn); return its last logits."""
 
     @abstractmethod
     def step(self, token: Int[Tensor, "1 1"]) -> Float[Tensor, "1 vocab"]:

@@ -23,7 +23,7 @@ class _NoCacheSession(CacheSession):
 
     @torch.no_grad()
     def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
-        self.tokens = tokens
+        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens], dim=1)
         return self._run()
 
     @torch.no_grad()

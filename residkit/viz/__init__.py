@@ -2,5 +2,6 @@
 
 from residkit.patching import patching_heatmap
 from residkit.viz.residual import residual_norm_figure
+from residkit.viz.spectra import rank_heatmap, spectrum
 
-__all__ = ["patching_heatmap", "residual_norm_figure"]
+__all__ = ["patching_heatmap", "rank_heatmap", "residual_norm_figure", "spectrum"]

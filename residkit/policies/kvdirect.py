@@ -1,0 +1,307 @@
+"""KV-Direct: bounded active K/V, residual checkpoints, K/V recomputed on demand.
+
+Arxiv 2603.19664 (Fig. 1, right): the most recent ``budget`` tokens keep their K/V; older
+tokens keep a checkpoint, and their K/V are recomputed when attention needs them.
+
+Mechanism. A ``transformers.DynamicCache`` is passed as ``past_key_values`` through the bridge
+forward, with each *global* layer replaced by a :class:`KVDirectLayer`. At every forward:
+
+1. a hook on ``blocks.{l}.hook_resid_pre`` keeps the residual of the chunk entering global
+   layer ``l`` and, before the block runs, recomputes the K/V of the evicted tokens from their
+   checkpoints (so only one layer's recomputed K/V is alive at a time);
+2. the layer's ``update(k, v)`` returns ``[recomputed ; active window ; new]``, which is the
+   full key sequence at the original absolute positions (the layer reports absolute lengths to
+   the mask and position code, since ``update()`` itself receives no positions);
+3. after the forward, the active window is trimmed to the last ``budget`` tokens.
+
+Sliding-window layers (Gemma 2/3 local layers, windowed Mistral) are already bounded by the
+model; they keep the model's own sliding cache and no checkpoints.
+
+Checkpoint modes:
+
+- ``"layer"`` (the paper's): the residual of every token at every global layer; K/V by norm +
+  projection only. A token's residual must be kept from the moment it is computed (it cannot be
+  recovered from its K/V at eviction), so checkpoints grow by ``d_model`` per global layer per
+  token, next to at most ``budget`` tokens of active K/V. On GQA models that is more than the
+  K/V it replaces (SmolLM2-135M: 576 vs 2 x 3 x 64 = 384 values per layer per token).
+- ``"token"`` (the paper's "one vector per token" accounting, taken literally): only token ids;
+  the evicted span is recomputed through the whole stack (a prefill of the evicted span).
+
+``mode="exact"`` recomputes every original chunk with its original shape (the prompt as one
+chunk, each decoded token alone), so every step's logits are bitwise equal to full-cache
+decoding. ``mode="fast"`` recomputes the evicted span in one call; with
+``measure_deviation=True`` a shadow full cache runs alongside and the max |logit difference|
+is reported.
+"""
+
+import time
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from residkit._hooks import muted_hook_points, temporary_hooks
+from residkit.architectures import hf_config, spec_for
+from residkit.policies.base import CachePolicy, CacheSession
+from residkit.policies.full import kv_bytes
+from residkit.reconstruction import layer_kv
+
+__all__ = ["CHECKPOINTS", "KVDIRECT_MODES", "KVDirect", "KVDirectLayer", "per_token_bytes"]
+
+CHECKPOINTS = ("layer", "token")
+KVDIRECT_MODES = ("exact", "fast")
+
+
+def _nbytes(*tensors: Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class KVDirectLayer(DynamicLayer):
+    """A global layer's cache: the active window, plus K/V recomputed for this forward."""
+
+    def __init__(self, session: "_KVDirectSession", layer: int) -> None:
+        super().__init__()
+        self.session, self.layer = session, layer
+        self.cumulative_length = 0  # absolute tokens seen; the active window is a suffix
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        assert self.keys is not None and self.values is not None
+        self.cumulative_length += key_states.shape[-2]
+        keys = self.keys = torch.cat([self.keys, key_states], dim=-2)
+        values = self.values = torch.cat([self.values, value_states], dim=-2)
+        old = self.session.take_recomputed(self.layer)
+        if old is None:
+            return keys, values
+        return torch.cat([old[0], keys], dim=-2), torch.cat([old[1], values], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Attention sees every token (recomputed + active + new), from absolute position 0.
+        return self.cumulative_length + query_length, 0
+
+    def trim(self, keep: int) -> None:
+        """Drop all but the last ``keep`` tokens of the active window."""
+        if not self.is_initialized or self.keys is None or self.values is None:
+            return
+        if self.keys.shape[-2] > keep:
+            start = self.keys.shape[-2] - keep
+            self.keys = self.keys[:, :, start:].clone()
+            self.values = self.values[:, :, start:].clone()
+
+
+class _KVDirectSession(CacheSession):
+    def __init__(self, model: TransformerBridge, policy: "KVDirect") -> None:
+        super().__init__(model)
+        self.policy = policy
+        self.spec = spec_for(model)
+        cfg = hf_config(model)
+        sliding = set(self.spec.sliding_layers(cfg))
+        self.global_layers = [i for i in range(model.cfg.n_layers) if i not in sliding]
+        self.cache = DynamicCache(config=cfg)
+        for layer in self.global_layers:
+            self.cache.layers[layer] = KVDirectLayer(self, layer)
+        self.total = 0  # tokens fed so far
+        self.evicted = 0  # tokens [0, evicted) live only as checkpoints
+        self.chunks: list[tuple[int, Tensor]] = []  # (start, token ids) of every forward
+        self.resid: dict[int, list[Tensor]] = {layer: [] for layer in self.global_layers}
+        self._recomputed: dict[int, tuple[Tensor, Tensor]] = {}
+        self._transient = 0
+        self.shadow = DynamicCache(config=cfg) if policy.measure_deviation else None
+        self.max_logit_deviation: float | None = 0.0 if policy.measure_deviation else None
+
+    # --- recomputation -------------------------------------------------------------------
+    def take_recomputed(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        return self._recomputed.pop(layer, None)
+
+    def _chunks_covering_evicted(self) -> list[int]:
+        return [i for i, (start, _) in enumerate(self.chunks) if start < self.evicted]
+
+    def _recompute_layer(self, layer: int) -> None:
+        """K/V of tokens [0, evicted) at ``layer`` from residual checkpoints (layer mode)."""
+        if self.evicted == 0:
+            return
+        t0 = time.perf_counter()
+        if self.policy.mode == "exact":
+            parts = []
+            for i in self._chunks_covering_evicted():
+                start, ids = self.chunks[i]
+                pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+                k, v, _ = layer_kv(self.model, layer, self.resid[layer][i], pos)
+                keep = min(ids.shape[1], self.evicted - start)
+                parts.append((k[:, :, :keep], v[:, :, :keep]))
+            k = torch.cat([p[0] for p in parts], dim=2)
+            v = torch.cat([p[1] for p in parts], dim=2)
+        else:
+            resid = torch.cat(self.resid[layer], dim=1)[:, : self.evicted]
+            pos = torch.arange(self.evicted, device=resid.device).unsqueeze(0)
+            k, v, _ = layer_kv(self.model, layer, resid, pos)
+        self._recomputed[layer] = (k, v)
+        self._transient = max(self._transient, _nbytes(k, v))
+        self.memory.recompute_seconds += time.perf_counter() - t0
+
+    def _replay_evicted(self) -> None:
+        """K/V of tokens [0, evicted) at every global layer, replayed from token ids (token mode)."""
+        if self.evicted == 0:
+            return
+        t0 = time.perf_counter()
+        replay = DynamicCache(config=hf_config(self.model))
+        with muted_hook_points(self.model):
+            if self.policy.mode == "exact":
+                for i in self._chunks_covering_evicted():
+                    self.model(self.chunks[i][1], past_key_values=replay, return_type=None)
+            else:
+                ids = torch.cat([c for _, c in self.chunks], dim=1)[:, : self.evicted]
+                self.model(ids, past_key_values=replay, return_type=None)
+        for layer in self.global_layers:
+            cached: Any = replay.layers[layer]
+            self._recomputed[layer] = (
+                cached.keys[:, :, : self.evicted],
+                cached.values[:, :, : self.evicted],
+            )
+        self._transient = max(self._transient, kv_bytes(replay))
+        self.memory.recompute_seconds += time.perf_counter() - t0
+
+    # --- the forward ---------------------------------------------------------------------
+    def _hooks(self) -> list[tuple[str, Any]]:
+        hooks = []
+        for layer in self.global_layers:
+
+            def at_layer(act: Tensor, hook: object, layer: int = layer) -> None:
+                if self.policy.checkpoint == "layer":
+                    self.resid[layer].append(act.detach().clone())
+                    self._recompute_layer(layer)
+
+            hooks.append((self.spec.resid_pre_hook.format(layer=layer), at_layer))
+        return hooks
+
+    def _forward(self, ids: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
+        if self.policy.checkpoint == "token":
+            self._replay_evicted()
+        with temporary_hooks(self.model, self._hooks()):
+            logits = self.model(ids, past_key_values=self.cache)[:, -1]
+        self._recomputed.clear()
+        self.chunks.append((self.total, ids))
+        self.total += ids.shape[1]
+        self.evicted = max(self.evicted, self.total - self.policy.budget)
+        for layer in self.global_layers:
+            layer_cache: Any = self.cache.layers[layer]
+            layer_cache.trim(self.total - self.evicted)
+        if self.policy.mode == "fast" and self.policy.checkpoint == "layer":
+            self._compact_fast()
+        if self.shadow is not None:
+            with muted_hook_points(self.model):
+                ref = self.model(ids, past_key_values=self.shadow)[:, -1]
+            dev = (ref - logits).abs().max().item()
+            self.max_logit_deviation = max(self.max_logit_deviation or 0.0, dev)
+        self.memory.tokens_evicted = self.evicted
+        self.memory.record(self.active_bytes(), self.checkpoint_bytes(), self._transient)
+        self._transient = 0
+        return logits
+
+    def _compact_fast(self) -> None:
+        # Fast mode needs no chunk boundaries: one tensor per layer is enough.
+        for layer in self.global_layers:
+            if len(self.resid[layer]) > 1:
+                self.resid[layer] = [torch.cat(self.resid[layer], dim=1)]
+
+    def active_bytes(self) -> int:
+        return kv_bytes(self.cache)
+
+    def checkpoint_bytes(self) -> int:
+        if self.policy.checkpoint == "token":
+            return sum(_nbytes(ids) for _, ids in self.chunks)
+        return sum(_nbytes(t) for layer in self.global_layers for t in self.resid[layer])
+
+    @torch.no_grad()
+    def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
+        return self._forward(tokens)
+
+    @torch.no_grad()
+    def step(self, token: Int[Tensor, "1 1"]) -> Float[Tensor, "1 vocab"]:
+        return self._forward(token)
+
+
+class KVDirect(CachePolicy):
+    """Keep the last ``budget`` tokens' K/V; recompute older K/V from checkpoints.
+
+    Args:
+        budget: Tokens of K/V kept per global layer (>= 0).
+        checkpoint: ``"layer"`` (residual per token per global layer) or ``"token"`` (token ids
+            only; the evicted span is replayed through the whole stack).
+        mode: ``"exact"`` (original chunk shapes, bitwise) or ``"fast"`` (one batched call).
+        measure_deviation: Run a shadow full cache and report the max |logit difference|.
+
+    Example:
+        >>> import residkit
+        >>> model = residkit.load("zoo:llama")
+        >>> full = residkit.generate(model, "abcdefgh", max_new_tokens=6, return_logits=True)
+        >>> kvd = residkit.generate_kvdirect(model, "abcdefgh", max_new_tokens=6, budget=2)
+        >>> torch.equal(full.tokens, kvd.tokens)
+        True
+    """
+
+    name = "kvdirect"
+
+    def __init__(
+        self,
+        budget: int = 64,
+        checkpoint: str = "layer",
+        mode: str = "exact",
+        *,
+        measure_deviation: bool = False,
+    ) -> None:
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+            raise ValueError(f"budget must be a non-negative int, got {budget!r}")
+        if checkpoint not in CHECKPOINTS:
+            raise ValueError(f"unknown checkpoint {checkpoint!r}; choose one of {CHECKPOINTS}")
+        if mode not in KVDIRECT_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {KVDIRECT_MODES}")
+        self.budget, self.checkpoint, self.mode = budget, checkpoint, mode
+        self.measure_deviation = measure_deviation
+
+    def open(self, model: TransformerBridge) -> CacheSession:
+        return _KVDirectSession(model, self)
+
+
+def per_token_bytes(
+    config: Any, *, dtype_bytes: int = 2, family: str | None = None
+) -> dict[str, int]:
+    """Bytes per token of each way to remember a token, for an HF config.
+
+    Keys: ``kv_all_layers`` (full cache: every layer's K and V), ``kv_global_layers`` (what
+    KV-Direct's checkpoints replace), ``residual_one`` (one residual vector: the paper's
+    accounting), ``residual_per_global_layer`` (KV-Direct ``checkpoint="layer"``),
+    ``token_id`` (``checkpoint="token"``, int64).
+
+    Example:
+        >>> from residkit import zoo
+        >>> b = per_token_bytes(zoo.config_for("gemma3", config="gemma-3-4b"))
+        >>> b["kv_all_layers"], b["residual_one"]
+        (139264, 5120)
+    """
+    from residkit.architectures import ARCH_TABLE, spec_for
+
+    spec = ARCH_TABLE[family] if family else spec_for(config)
+    n_layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    d_head = getattr(config, "head_dim", None) or config.hidden_size // heads
+    n_global = n_layers - len(spec.sliding_layers(config))
+    kv = 2 * kv_heads * d_head * dtype_bytes
+    return {
+        "kv_all_layers": n_layers * kv,
+        "kv_global_layers": n_global * kv,
+        "residual_one": config.hidden_size * dtype_bytes,
+        "residual_per_global_layer": n_global * config.hidden_size * dtype_bytes,
+        "token_id": 8,
+    }

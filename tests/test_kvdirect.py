@@ -1,0 +1,189 @@
+"""KV-Direct: bit-exact decoding from residual checkpoints with bounded active K/V."""
+
+import pytest
+import torch
+
+import residkit
+from residkit import KVDirect, zoo
+from residkit.generation import generate, generate_kvdirect
+from residkit.generation.chat import Chat
+from residkit.policies import per_token_bytes
+
+PROMPT = "The residual stream is all you need, says the paper; we check it here, live, now."[:63]
+N_NEW = 48
+
+
+def _full(model):
+    return generate(model, PROMPT, max_new_tokens=N_NEW, return_logits=True, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("budget", [1, 4, 16, 100])
+def test_exact_layer_mode_is_bitwise(family: str, budget: int, model_for, no_leaked_hooks) -> None:
+    model = model_for(family)
+    assert model.to_tokens(PROMPT).shape[1] == 64 or family in ("qwen2", "qwen3", "gpt_neox")
+    full = _full(model)
+    with no_leaked_hooks(model):
+        kvd = generate_kvdirect(
+            model,
+            PROMPT,
+            max_new_tokens=N_NEW,
+            budget=budget,
+            return_logits=True,
+            stop_at_eos=False,
+        )
+    assert torch.equal(kvd.tokens, full.tokens)
+    assert torch.equal(kvd.logits, full.logits)  # every step's logits, bit for bit
+    evicted = max(0, model.to_tokens(PROMPT).shape[1] + N_NEW - 1 - budget)
+    assert kvd.stats.tokens_evicted == evicted
+
+
+def test_tokens_equal_hf_generate(family: str, model_for) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = model_for(family)
+    hf = AutoModelForCausalLM.from_pretrained(zoo.build(family), attn_implementation="eager").eval()
+    tokens = model.to_tokens(PROMPT)
+    with torch.no_grad():
+        ref = hf.generate(tokens, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+    kvd = generate_kvdirect(model, PROMPT, max_new_tokens=N_NEW, budget=4, stop_at_eos=False)
+    # min_new_tokens masks EOS in HF; compare while the reference did not need that mask.
+    eos = model.tokenizer.eos_token_id
+    stop = next((i for i, t in enumerate(kvd.tokens.tolist()) if t == eos), N_NEW)
+    assert torch.equal(kvd.tokens[:stop], ref[0, tokens.shape[1] :][:stop])
+
+
+@pytest.mark.parametrize(
+    ("family_", "checkpoint", "mode"),
+    [
+        # token/exact replays every evicted chunk through the whole stack each step: the
+        # slowest mode, so it runs on two families (one with sliding layers) and 16 tokens.
+        ("llama", "token", "exact"),
+        ("gemma3", "token", "exact"),
+        *[
+            (f, c, "fast")
+            for f in ("llama", "gemma3", "gpt_neox", "phi3")
+            for c in ("layer", "token")
+        ],
+    ],
+)
+def test_other_modes(family_: str, checkpoint: str, mode: str, model_for) -> None:
+    model = model_for(family_)
+    n_new = 16 if mode == "exact" else N_NEW
+    full = generate(model, PROMPT, max_new_tokens=n_new, return_logits=True, stop_at_eos=False)
+    policy = KVDirect(4, checkpoint, mode, measure_deviation=mode == "fast")
+    gen = generate(
+        model, PROMPT, max_new_tokens=n_new, policy=policy, return_logits=True, stop_at_eos=False
+    )
+    assert torch.equal(gen.tokens, full.tokens)
+    if mode == "exact":
+        assert torch.equal(gen.logits, full.logits)
+        assert gen.stats.max_logit_deviation is None
+    else:
+        # Batched recompute: float32 rounding of the attention inputs only.
+        assert 0.0 <= gen.stats.max_logit_deviation < 1e-3
+
+
+def test_sampling_with_seed_matches_full_cache(model_for) -> None:
+    model = model_for("qwen3")
+    kw = {"max_new_tokens": 24, "do_sample": True, "seed": 11, "top_p": 0.95, "stop_at_eos": False}
+    full = generate(model, PROMPT, **kw)
+    kvd = generate_kvdirect(model, PROMPT, budget=4, **kw)
+    other = generate_kvdirect(model, PROMPT, budget=4, **{**kw, "seed": 12})
+    assert torch.equal(kvd.tokens, full.tokens)
+    assert not torch.equal(kvd.tokens, other.tokens)
+
+
+def test_memory_bound_on_a_long_generation(model_for) -> None:
+    """1,000+ tokens: active K/V never above budget x per-token K/V; checkpoints = formula."""
+    model = model_for("llama")
+    cfg = model.cfg
+    budget = 16
+    prompt = torch.randint(0, 256, (1, 700), generator=torch.Generator().manual_seed(0))
+    n_new = 400  # 1,099 tokens in all; a long prompt keeps the step count (and time) down
+    gen = generate(
+        model,
+        prompt,
+        max_new_tokens=n_new,
+        policy=KVDirect(budget, "layer", "fast"),
+        stop_at_eos=False,
+    )
+    assert len(gen.tokens) == n_new
+    per_token_kv = cfg.n_layers * 2 * cfg.n_key_value_heads * cfg.d_head * 4  # float32
+    # Recorded after each forward (the prefill included): the window is trimmed by then.
+    assert max(a for a, _ in gen.stats.per_step) <= budget * per_token_kv
+    fed = 700 + n_new - 1
+    assert gen.stats.checkpoint_bytes == fed * cfg.n_layers * cfg.d_model * 4
+    assert gen.stats.tokens_evicted == fed - budget
+    # Token mode keeps 8 bytes per token instead.
+    tok = generate(
+        model, "x", max_new_tokens=40, policy=KVDirect(budget, "token", "fast"), stop_at_eos=False
+    )
+    assert tok.stats.checkpoint_bytes == (model.to_tokens("x").shape[1] + 39) * 8
+
+
+def test_sliding_layers_keep_no_checkpoints(model_for) -> None:
+    model = model_for("gemma3")  # layers 0 and 2 are sliding
+    gen = generate_kvdirect(model, PROMPT, max_new_tokens=8, budget=4, stop_at_eos=False)
+    fed = model.to_tokens(PROMPT).shape[1] + 7
+    assert gen.stats.checkpoint_bytes == fed * 2 * model.cfg.d_model * 4  # 2 global layers
+
+
+def test_per_token_bytes_accounting() -> None:
+    smol = per_token_bytes(zoo.config_for("llama", config="smollm2-135m"))
+    assert smol["kv_all_layers"] == 30 * 384 * 2
+    assert smol["residual_per_global_layer"] == 30 * 576 * 2  # more than the K/V it replaces
+    g4 = per_token_bytes(zoo.config_for("gemma3", config="gemma-3-4b"))
+    assert (g4["kv_all_layers"], g4["residual_one"]) == (139_264, 5_120)
+    assert g4["residual_per_global_layer"] == 5 * 5_120  # only the 5 global layers
+
+
+def test_chat_keeps_state_with_bounded_memory(model_for, no_leaked_hooks) -> None:
+    model = model_for("llama")
+    budget = 8
+    with no_leaked_hooks(model):
+        kvd, full = Chat(model, KVDirect(budget)), Chat(model, "full")
+        for turn in ["Hello there.", "What is 2 + 2?", "Thanks, bye."]:
+            assert kvd.send(turn, max_new_tokens=6) == full.send(turn, max_new_tokens=6)
+    mem = kvd.memory()
+    cfg = model.cfg
+    assert len(mem) == 3 and mem["tokens_total"].is_monotonic_increasing
+    assert (
+        mem["active_kv_bytes"] <= budget * cfg.n_layers * 2 * cfg.n_key_value_heads * cfg.d_head * 4
+    ).all()
+    assert (full.memory()["active_kv_bytes"] > mem["active_kv_bytes"]).iloc[-1]
+    assert len(kvd.figure().data) == 2
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: KVDirect(-1), "budget must be a non-negative int, got -1"),
+        (lambda: KVDirect(4, checkpoint="stride"), "unknown checkpoint 'stride'"),
+        (lambda: KVDirect(4, mode="approx"), "unknown mode 'approx'"),
+    ],
+)
+def test_bad_policy(make, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+        ({"budget": -3}, "budget must be a non-negative int"),
+        ({"max_new_tokens": 3000}, "exceeds the model's context"),
+        ({"checkpoint": "stride"}, "unknown checkpoint"),
+    ],
+)
+def test_bad_input(kwargs, message, model_for, no_leaked_hooks) -> None:
+    model = model_for("llama")
+    with no_leaked_hooks(model), pytest.raises(ValueError, match=message):
+        generate_kvdirect(model, PROMPT, **kwargs)
+
+
+def test_hooks_removed_when_a_forward_raises(model_for, no_leaked_hooks) -> None:
+    model = model_for("llama")
+    with no_leaked_hooks(model), pytest.raises(IndexError):
+        generate_kvdirect(model, torch.tensor([[1, 2, 10_000]]), max_new_tokens=3, budget=1)
+    assert residkit.generate_kvdirect is generate_kvdirect
