@@ -167,12 +167,19 @@ def _spectra_section(model: TransformerBridge, ctx: VerifyContext) -> list[Check
     return spectra_section(model, ctx)
 
 
+def _kvdirect_section(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
+    from residkit.policies.kvdirect import kvdirect_section
+
+    return kvdirect_section(model, ctx)
+
+
 SECTIONS: list[tuple[str, Callable[[TransformerBridge, VerifyContext], list[Check]]]] = [
     ("load", _load_section),
     ("capture", _capture_section),
     ("markov", _markov_section),
     ("kv", _kv_section),
     ("qk_spectra", _spectra_section),
+    ("kvdirect", _kvdirect_section),
 ]
 """(name, section function), in the order ``verify`` runs them."""
 

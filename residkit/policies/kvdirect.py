@@ -35,7 +35,7 @@ is reported.
 """
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -50,7 +50,20 @@ from residkit.policies.base import CachePolicy, CacheSession
 from residkit.policies.full import kv_bytes
 from residkit.reconstruction import layer_kv
 
-__all__ = ["CHECKPOINTS", "KVDIRECT_MODES", "KVDirect", "KVDirectLayer", "per_token_bytes"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from residkit.verify import Check, VerifyContext
+
+__all__ = [
+    "CHECKPOINTS",
+    "KVDIRECT_MODES",
+    "KVDirect",
+    "KVDirectLayer",
+    "accounting_table",
+    "kvdirect_section",
+    "per_token_bytes",
+]
 
 CHECKPOINTS = ("layer", "token")
 KVDIRECT_MODES = ("exact", "fast")
@@ -273,6 +286,35 @@ class KVDirect(CachePolicy):
         return _KVDirectSession(model, self)
 
 
+def accounting_table(dtype_bytes: int = 2) -> "pd.DataFrame":
+    """Per-token bytes of every paper config (bf16 by default): K/V vs each checkpoint kind.
+
+    Example:
+        >>> t = accounting_table()
+        >>> int(t.set_index("model").loc["gemma-3-4b", "kv_all_layers"])
+        139264
+    """
+    import pandas as pd
+
+    from residkit.zoo import PAPER_CONFIGS, config_for
+
+    rows = []
+    for key, entry in PAPER_CONFIGS.items():
+        b = per_token_bytes(
+            config_for(entry["family"], config=key), dtype_bytes=dtype_bytes, family=entry["family"]
+        )
+        rows.append(
+            {
+                "model": key,
+                **b,
+                "kv / one residual": b["kv_all_layers"] / b["residual_one"],
+                "per-global-layer residuals / global K/V": b["residual_per_global_layer"]
+                / b["kv_global_layers"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def per_token_bytes(
     config: Any, *, dtype_bytes: int = 2, family: str | None = None
 ) -> dict[str, int]:
@@ -281,6 +323,7 @@ def per_token_bytes(
     Keys: ``kv_all_layers`` (full cache: every layer's K and V), ``kv_global_layers`` (what
     KV-Direct's checkpoints replace), ``residual_one`` (one residual vector: the paper's
     accounting), ``residual_per_global_layer`` (KV-Direct ``checkpoint="layer"``),
+    ``residual_all_layers`` (a residual per token at every layer, sliding ones included),
     ``token_id`` (``checkpoint="token"``, int64).
 
     Example:
@@ -303,5 +346,43 @@ def per_token_bytes(
         "kv_global_layers": n_global * kv,
         "residual_one": config.hidden_size * dtype_bytes,
         "residual_per_global_layer": n_global * config.hidden_size * dtype_bytes,
+        "residual_all_layers": n_layers * config.hidden_size * dtype_bytes,
         "token_id": 8,
     }
+
+
+def kvdirect_section(model: TransformerBridge, ctx: "VerifyContext") -> "list[Check]":
+    """``residkit verify`` rows: KV-Direct vs full cache, two budgets, exact and fast modes."""
+    from residkit.generation import generate
+    from residkit.verify import Check
+
+    prompt, n_new = ctx.prompts[1], 24
+    full = generate(model, prompt, max_new_tokens=n_new, return_logits=True, stop_at_eos=False)
+    checks = []
+    for budget in (4, 16):
+        for mode in KVDIRECT_MODES:
+            gen = generate(
+                model,
+                prompt,
+                max_new_tokens=n_new,
+                policy=KVDirect(budget, "layer", mode, measure_deviation=mode == "fast"),
+                return_logits=True,
+                stop_at_eos=False,
+            )
+            same_tokens = torch.equal(gen.tokens, full.tokens)
+            assert gen.logits is not None and full.logits is not None
+            if mode == "exact":
+                ok = same_tokens and torch.equal(gen.logits, full.logits)
+                detail = f"tokens {'equal' if same_tokens else 'DIFFER'}, logits bitwise: {ok}"
+            else:
+                ok = same_tokens
+                detail = f"tokens {'equal' if same_tokens else 'DIFFER'}, max |dlogit| {gen.stats.max_logit_deviation:.2g}"
+            checks.append(
+                Check(
+                    "kvdirect",
+                    f"KV-Direct budget={budget} mode={mode} == full cache ({n_new} tokens)",
+                    f"{detail}; peak active K/V {gen.stats.peak_active_kv_bytes / full.stats.peak_active_kv_bytes:.2f}x full",
+                    ok,
+                )
+            )
+    return checks
