@@ -13,6 +13,7 @@ Example:
 from residkit import zoo
 from residkit.architectures import ARCH_TABLE, ArchSpec, UnsupportedArchitectureError, spec_for
 from residkit.capture import capture_residuals
+from residkit.comparison import PolicyComparison, compare_policies, kept_positions
 from residkit.generation import Chat, Generation, generate, generate_kvdirect
 from residkit.loading import ModelNotFoundError, load
 from residkit.patching import (
@@ -23,7 +24,17 @@ from residkit.patching import (
     patch_residual,
     patching_sweep,
 )
-from residkit.policies import CachePolicy, FullCache, KVDirect, NoCache
+from residkit.policies import (
+    H2O,
+    TOVA,
+    CachePolicy,
+    FullCache,
+    KVDirect,
+    NoCache,
+    SnapKV,
+    StreamingLLM,
+    Window,
+)
 from residkit.reconstruction import KVReport, kv_reconstruction_report, recompute_kv
 from residkit.spectra import QKSpectra, qk_spectra
 from residkit.verify import verify
@@ -32,6 +43,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCH_TABLE",
+    "H2O",
+    "TOVA",
     "ArchSpec",
     "CachePolicy",
     "Chat",
@@ -43,12 +56,18 @@ __all__ = [
     "MarkovReport",
     "ModelNotFoundError",
     "NoCache",
+    "PolicyComparison",
     "QKSpectra",
+    "SnapKV",
+    "StreamingLLM",
     "UnsupportedArchitectureError",
+    "Window",
     "capture_residuals",
+    "compare_policies",
     "cross_task_suite",
     "generate",
     "generate_kvdirect",
+    "kept_positions",
     "kv_reconstruction_report",
     "load",
     "markov_test",

@@ -173,6 +173,12 @@ def _kvdirect_section(model: TransformerBridge, ctx: VerifyContext) -> list[Chec
     return kvdirect_section(model, ctx)
 
 
+def _baselines_section(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
+    from residkit.comparison import baselines_section
+
+    return baselines_section(model, ctx)
+
+
 SECTIONS: list[tuple[str, Callable[[TransformerBridge, VerifyContext], list[Check]]]] = [
     ("load", _load_section),
     ("capture", _capture_section),
@@ -180,6 +186,7 @@ SECTIONS: list[tuple[str, Callable[[TransformerBridge, VerifyContext], list[Chec
     ("kv", _kv_section),
     ("qk_spectra", _spectra_section),
     ("kvdirect", _kvdirect_section),
+    ("baselines", _baselines_section),
 ]
 """(name, section function), in the order ``verify`` runs them."""
 

@@ -12,7 +12,7 @@ def test_verify_json_on_a_zoo_folder(capsys, tmp_path) -> None:
     assert code == 0, payload
     assert payload["passed"] is True
     sections = {c["section"] for c in payload["checks"]}
-    assert {"load", "capture", "markov", "kv", "qk_spectra", "kvdirect"} <= sections
+    assert {"load", "capture", "markov", "kv", "qk_spectra", "kvdirect", "baselines"} <= sections
     assert any(c["figure"] for c in payload["checks"])
 
 

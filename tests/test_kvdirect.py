@@ -9,23 +9,34 @@ from residkit.generation import generate, generate_kvdirect
 from residkit.generation.chat import Chat
 from residkit.policies import per_token_bytes
 
-PROMPT = "The residual stream is all you need, says the paper; we check it here, live, now."[:63]
+TEXT = "The residual stream is all you need, says the paper; we check it here, live, now."
 N_NEW = 48
 
 
+def _prompt(model) -> torch.Tensor:
+    """Exactly 64 tokens on every family (some tokenizers prepend BOS, some do not)."""
+    return model.to_tokens(TEXT)[:, :64]
+
+
+PROMPT = TEXT[:63]
+
+
 def _full(model):
-    return generate(model, PROMPT, max_new_tokens=N_NEW, return_logits=True, stop_at_eos=False)
+    return generate(
+        model, _prompt(model), max_new_tokens=N_NEW, return_logits=True, stop_at_eos=False
+    )
 
 
 @pytest.mark.parametrize("budget", [1, 4, 16, 100])
 def test_exact_layer_mode_is_bitwise(family: str, budget: int, model_for, no_leaked_hooks) -> None:
     model = model_for(family)
-    assert model.to_tokens(PROMPT).shape[1] == 64 or family in ("qwen2", "qwen3", "gpt_neox")
+    prompt = _prompt(model)
+    assert prompt.shape[1] == 64
     full = _full(model)
     with no_leaked_hooks(model):
         kvd = generate_kvdirect(
             model,
-            PROMPT,
+            prompt,
             max_new_tokens=N_NEW,
             budget=budget,
             return_logits=True,
@@ -33,23 +44,40 @@ def test_exact_layer_mode_is_bitwise(family: str, budget: int, model_for, no_lea
         )
     assert torch.equal(kvd.tokens, full.tokens)
     assert torch.equal(kvd.logits, full.logits)  # every step's logits, bit for bit
-    evicted = max(0, model.to_tokens(PROMPT).shape[1] + N_NEW - 1 - budget)
+    evicted = max(0, 64 + N_NEW - 1 - budget)
     assert kvd.stats.tokens_evicted == evicted
 
 
 def test_tokens_equal_hf_generate(family: str, model_for) -> None:
     from transformers import AutoModelForCausalLM
 
+    """Full cache == HF generate here; KV-Direct == full cache at every budget (test above)."""
     model = model_for(family)
     hf = AutoModelForCausalLM.from_pretrained(zoo.build(family), attn_implementation="eager").eval()
-    tokens = model.to_tokens(PROMPT)
+    tokens = _prompt(model)
     with torch.no_grad():
         ref = hf.generate(tokens, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
-    kvd = generate_kvdirect(model, PROMPT, max_new_tokens=N_NEW, budget=4, stop_at_eos=False)
+    kvd = generate_kvdirect(model, tokens, max_new_tokens=N_NEW, budget=4, stop_at_eos=False)
+    full = _full(model)
     # min_new_tokens masks EOS in HF; compare while the reference did not need that mask.
     eos = model.tokenizer.eos_token_id
-    stop = next((i for i, t in enumerate(kvd.tokens.tolist()) if t == eos), N_NEW)
-    assert torch.equal(kvd.tokens[:stop], ref[0, tokens.shape[1] :][:stop])
+    stop = next((i for i, t in enumerate(full.tokens.tolist()) if t == eos), N_NEW)
+    assert stop > 0
+    assert torch.equal(full.tokens[:stop], ref[0, 64:][:stop])
+    assert torch.equal(kvd.tokens[:stop], ref[0, 64:][:stop])
+
+
+def test_user_hooks_fire_as_under_full_cache(model_for, no_leaked_hooks) -> None:
+    """Recompute runs the model's own layers; a user's hook must not see those runs."""
+    model = model_for("llama")
+    counts = {}
+    for name, policy in [("full", "full"), ("layer", KVDirect(2)), ("token", KVDirect(2, "token"))]:
+        fired: list[int] = []
+        hook = ("blocks.1.attn.hook_k", lambda act, hook, fired=fired: fired.append(act.shape[1]))
+        with no_leaked_hooks(model), model.hooks(fwd_hooks=[hook]):
+            generate(model, PROMPT, max_new_tokens=6, policy=policy, stop_at_eos=False)
+        counts[name] = fired
+    assert counts["layer"] == counts["full"] == counts["token"]
 
 
 @pytest.mark.parametrize(

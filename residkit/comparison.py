@@ -1,0 +1,347 @@
+"""Eviction baselines against KV-Direct: token match and KL at equal K/V budgets.
+
+The paper (arXiv 2603.19664, Fig. 4) compares KV-Direct with eviction policies by how often
+their greedy continuation matches the full cache's and by the KL divergence of their next-token
+distributions. :func:`compare_policies` measures both on the same decoding loop
+(:func:`residkit.generate`), so the only difference between two rows is what attention saw.
+
+Definitions:
+
+- **Token match** (%): the full cache and the policy each decode ``max_new_tokens`` tokens
+  greedily from the prompt (EOS does not stop either); the share of positions where the two
+  continuations carry the same token, averaged over prompts. One early divergence usually
+  changes everything after it, so this is a strict measure.
+- **KL**: teacher forcing. The policy is fed the full cache's tokens
+  (``generate(..., forced_tokens=full.tokens, return_logits=True)``); at every step ``t`` the
+  KL(full_t || policy_t) of the next-token distributions is computed in float64 from
+  log-softmax (:func:`residkit.patching.kl_divergence`, exactly ``0.0`` for bitwise-equal
+  logits). ``mean_kl`` is the mean over every step of every prompt, ``max_kl`` the maximum.
+
+The first step's distribution comes from the prompt forward, which every policy attends in
+full, so its KL is 0 for every policy; the differences start at step 1.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Int
+from plotly.subplots import make_subplots
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from residkit.architectures import hf_config, spec_for
+from residkit.capture import to_tokens
+from residkit.generation.engine import Generation, Sampler, decode_loop, generate
+from residkit.patching import kl_divergence
+from residkit.policies.base import CachePolicy
+from residkit.policies.h2o import H2O
+from residkit.policies.kvdirect import KVDirect
+from residkit.policies.snapkv import SnapKV
+from residkit.policies.streaming import StreamingLLM
+from residkit.policies.tova import TOVA
+from residkit.policies.window import Window
+
+if TYPE_CHECKING:
+    from residkit.verify import Check, VerifyContext
+
+__all__ = [
+    "POLICIES",
+    "PolicyComparison",
+    "baselines_section",
+    "compare_policies",
+    "kept_positions",
+]
+
+PolicyFactory = Callable[[int], CachePolicy]
+
+POLICIES: dict[str, PolicyFactory] = {
+    "window": Window,
+    "streaming": lambda b: StreamingLLM(b, sinks=min(4, b // 2)),
+    "h2o": H2O,
+    "snapkv": lambda b: SnapKV(b, window=max(1, min(32, b // 2))),
+    "tova": TOVA,
+    "kvdirect": KVDirect,
+}
+"""Policy names :func:`compare_policies` accepts -> ``budget -> policy``.
+
+The published defaults assume budgets of hundreds of tokens. At the small budgets a zoo model
+is compared at, StreamingLLM keeps ``min(4, budget // 2)`` sinks and SnapKV observes
+``min(32, budget // 2)`` queries (at least 1), so each keeps half its budget by its own rule
+(H2O's default recent window is ``budget // 2`` too). With the paper defaults, SnapKV at a
+budget <= 32 would keep exactly what Window keeps, and StreamingLLM at budget 4 only sinks.
+"""
+
+
+@dataclass
+class PolicyComparison:
+    """The result of :func:`compare_policies`.
+
+    Attributes:
+        table: One row per (policy, budget): ``token_match`` (%), ``mean_kl``, ``max_kl``,
+            ``peak_active_kv_bytes`` and ``peak_checkpoint_bytes`` (largest over prompts).
+        steps: One row per (policy, budget, prompt, step): ``match`` (bool) and ``kl``.
+    """
+
+    table: pd.DataFrame
+    steps: pd.DataFrame
+
+    def figure(self) -> go.Figure:
+        """Two heatmaps over (budget, policy): token match (%) above, mean KL below."""
+        policies = list(dict.fromkeys(self.table["policy"]))
+        budgets = sorted(set(self.table["budget"]))
+        x = [str(b) for b in budgets]
+        fig = make_subplots(
+            rows=2,
+            cols=1,
+            shared_xaxes=True,
+            vertical_spacing=0.12,
+            subplot_titles=("token match with the full cache (%)", "mean KL(full || policy)"),
+        )
+        rows = [("token_match", "Greens", 0.79, ".0f"), ("mean_kl", "Reds", 0.21, ".3g")]
+        for i, (column, scale, y, fmt) in enumerate(rows, start=1):
+            grid = self.table.pivot(index="policy", columns="budget", values=column)
+            z = grid.loc[policies, budgets].to_numpy()
+            fig.add_trace(
+                go.Heatmap(
+                    z=z,
+                    x=x,
+                    y=policies,
+                    colorscale=scale,
+                    zmin=0.0,
+                    zmax=100.0 if column == "token_match" else None,
+                    texttemplate=f"%{{z:{fmt}}}",
+                    colorbar={"y": y, "len": 0.42},
+                ),
+                row=i,
+                col=1,
+            )
+        fig.update_xaxes(title_text="K/V budget (tokens per global layer)", type="category", row=2)
+        fig.update_layout(title="Eviction baselines vs KV-Direct", height=560)
+        return fig
+
+
+def _resolve(policies: Sequence[str | PolicyFactory] | None) -> list[tuple[str, PolicyFactory]]:
+    chosen = list(POLICIES) if policies is None else list(policies)
+    out: list[tuple[str, PolicyFactory]] = []
+    for p in chosen:
+        if isinstance(p, str):
+            if p not in POLICIES:
+                raise ValueError(f"unknown policy {p!r}; known policies: {', '.join(POLICIES)}")
+            out.append((p, POLICIES[p]))
+        elif callable(p):
+            out.append(("", p))  # named from the policy it makes, once a budget is known
+        else:
+            raise ValueError(f"policies takes names or callables budget -> CachePolicy, got {p!r}")
+    return out
+
+
+def _prompt_list(prompts: str | Tensor | Sequence[str | Tensor]) -> list[str | Tensor]:
+    items = [prompts] if isinstance(prompts, str | Tensor) else list(prompts)
+    if not items:
+        raise ValueError("prompts is empty; pass a prompt or a list of prompts")
+    return items
+
+
+@torch.no_grad()
+def compare_policies(
+    model: TransformerBridge,
+    prompts: str | Tensor | Sequence[str | Tensor],
+    *,
+    budgets: Sequence[int],
+    policies: Sequence[str | PolicyFactory] | None = None,
+    max_new_tokens: int = 30,
+    progress: bool = True,
+) -> PolicyComparison:
+    """Token match (%) and KL against the full cache, per policy and budget.
+
+    See the module docstring for the definitions. KV-Direct is always in the comparison.
+
+    Args:
+        model: A bridge from :func:`residkit.load`.
+        prompts: One prompt or a list (strings or token ids).
+        budgets: K/V budgets (tokens per global layer), each a non-negative int.
+        policies: Names from :data:`POLICIES` or callables ``budget -> CachePolicy``;
+            default every name. ``"kvdirect"`` is added when no entry makes a KVDirect.
+        max_new_tokens: Positions compared per prompt.
+        progress: Show a tqdm bar.
+
+    Returns:
+        A :class:`PolicyComparison` (``.table``, ``.steps``, ``.figure()``).
+
+    Raises:
+        ValueError: an unknown policy name (the message lists the known ones), an empty or
+            negative budget list, ``max_new_tokens < 1``, no prompts, or a policy's own
+            ValueError for a budget it cannot take.
+
+    Example:
+        >>> import residkit
+        >>> from residkit.comparison import compare_policies
+        >>> model = residkit.load("zoo:llama")
+        >>> cmp = compare_policies(
+        ...     model, "abcdefgh", budgets=[2], policies=["window"], max_new_tokens=4, progress=False
+        ... )
+        >>> cmp.table["policy"].tolist()  # KV-Direct is always added
+        ['window', 'kvdirect']
+        >>> kvd = cmp.table[cmp.table["policy"] == "kvdirect"]
+        >>> kvd["token_match"].item(), kvd["mean_kl"].item()
+        (100.0, 0.0)
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    budgets = list(budgets)
+    if not budgets:
+        raise ValueError("budgets is empty; pass at least one K/V budget")
+    for b in budgets:
+        if not isinstance(b, int) or isinstance(b, bool) or b < 0:
+            raise ValueError(f"every budget must be a non-negative int, got {b!r}")
+    factories = _resolve(policies)
+    items = _prompt_list(prompts)
+    # Build every policy first, so a bad (policy, budget) pair fails before any decoding.
+    grid = [[factory(b) for b in budgets] for _, factory in factories]
+    if not any(isinstance(p, KVDirect) for row in grid for p in row):
+        factories.append(("kvdirect", KVDirect))
+        grid.append([KVDirect(b) for b in budgets])
+    labels: list[str] = []
+    for (name, _), row in zip(factories, grid, strict=True):
+        base = name or row[0].name
+        n = sum(label.split("#")[0] == base for label in labels)
+        labels.append(f"{base}#{n + 1}" if n else base)  # two H2O variants: h2o, h2o#2
+
+    def run(
+        prompt: str | Tensor, policy: CachePolicy | str = "full", forced: Tensor | None = None
+    ) -> Generation:
+        return generate(
+            model,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            policy=policy,
+            return_logits=True,
+            stop_at_eos=False,
+            forced_tokens=forced,
+        )
+
+    refs = [run(p) for p in items]
+    steps: list[dict[str, object]] = []
+    rows: list[dict[str, object]] = []
+    bar = tqdm(total=len(grid) * len(budgets) * len(items), disable=not progress, desc="policies")
+    for label, row in zip(labels, grid, strict=True):
+        for budget, policy in zip(budgets, row, strict=True):
+            peak_kv = peak_ckpt = 0
+            cell: list[dict[str, object]] = []
+            for i, (prompt, ref) in enumerate(zip(items, refs, strict=True)):
+                free = run(prompt, policy)
+                # Same tokens fed means the same forwards: the free run is the forced run.
+                forced = free
+                if not torch.equal(free.tokens, ref.tokens):
+                    forced = run(prompt, policy, ref.tokens)
+                assert ref.logits is not None and forced.logits is not None
+                kl = kl_divergence(ref.logits, forced.logits).tolist()
+                match = (free.tokens == ref.tokens).tolist()
+                cell += [
+                    {"policy": label, "budget": budget, "prompt": i, "step": t, "match": m, "kl": k}
+                    for t, (m, k) in enumerate(zip(match, kl, strict=True))
+                ]
+                peak_kv = max(peak_kv, free.stats.peak_active_kv_bytes)
+                peak_ckpt = max(peak_ckpt, free.stats.peak_checkpoint_bytes)
+                bar.update()
+            steps += cell
+            df = pd.DataFrame(cell)
+            rows.append(
+                {
+                    "policy": label,
+                    "budget": budget,
+                    # Every prompt has max_new_tokens positions: the pooled mean is the mean
+                    # over prompts of each prompt's match rate.
+                    "token_match": 100.0 * float(df["match"].mean()),
+                    "mean_kl": float(df["kl"].mean()),
+                    "max_kl": float(df["kl"].max()),
+                    "peak_active_kv_bytes": peak_kv,
+                    "peak_checkpoint_bytes": peak_ckpt,
+                }
+            )
+    bar.close()
+    return PolicyComparison(table=pd.DataFrame(rows), steps=pd.DataFrame(steps))
+
+
+@torch.no_grad()
+def kept_positions(
+    model: TransformerBridge,
+    prompt: str | Tensor,
+    policy: CachePolicy,
+    max_new_tokens: int = 30,
+) -> pd.DataFrame:
+    """Positions whose K/V attention can read after a greedy generation under ``policy``.
+
+    Drives a session with the engine's own loop (:func:`residkit.generation.engine.decode_loop`,
+    greedy, EOS ignored). Eviction sessions report what they kept; policies that drop nothing
+    (full cache, KV-Direct, which recomputes what left its active window) report every position
+    fed. Sliding-window layers are left out: the model bounds them, not the policy.
+
+    Returns:
+        One row per kept token: ``layer``, ``kv_head``, ``position`` (absolute). The tokens fed
+        are the prompt plus ``max_new_tokens - 1`` (the last chosen token is not fed).
+
+    Example:
+        >>> import residkit
+        >>> from residkit.policies.window import Window
+        >>> model = residkit.load("zoo:llama")
+        >>> df = kept_positions(model, "abcdefgh", Window(3), max_new_tokens=4)
+        >>> sorted(set(df["position"]))  # 9 prompt tokens + 3 fed: positions 9, 10, 11 kept
+        [9, 10, 11]
+    """
+    tokens: Int[Tensor, "1 pos"] = to_tokens(model, prompt)
+    session = policy.open(model)
+    try:
+        logits = session.prefill(tokens)
+        new, _ = decode_loop(session, logits, max_new_tokens, Sampler(), eos=None)
+        per_layer = getattr(session, "kept_positions", None)
+        kept = per_layer() if per_layer is not None else None
+    finally:
+        session.close()
+    if kept is None:
+        fed = tokens.shape[1] + len(new) - 1
+        sliding = set(spec_for(model).sliding_layers(hf_config(model)))
+        n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+        everything = torch.arange(fed).expand(1, n_kv, fed)
+        kept = {layer: everything for layer in range(model.cfg.n_layers) if layer not in sliding}
+    rows = [
+        (layer, head, pos)
+        for layer, positions in kept.items()
+        for head in range(positions.shape[1])
+        for pos in positions[0, head].tolist()
+    ]
+    return pd.DataFrame(rows, columns=["layer", "kv_head", "position"])
+
+
+def baselines_section(model: TransformerBridge, ctx: "VerifyContext") -> "list[Check]":
+    """``residkit verify`` rows: every baseline and KV-Direct at budget 4, 12 tokens, one prompt.
+
+    KV-Direct's row is a claim (100% token match, KL exactly 0.0); the baselines' rows are
+    information (how lossy each is on this model).
+    """
+    from residkit._hooks import hook_count
+    from residkit.verify import Check
+
+    before = hook_count(model)
+    cmp = compare_policies(model, ctx.prompts[1], budgets=[4], max_new_tokens=12, progress=False)
+    figure = ctx.save(cmp.figure(), "eviction_vs_kvdirect")
+    checks = []
+    for row in cmp.table.itertuples():
+        exact = row.token_match == 100.0 and row.mean_kl == 0.0 and row.max_kl == 0.0
+        checks.append(
+            Check(
+                "baselines",
+                f"{row.policy} budget={row.budget} vs full cache (12 tokens)",
+                f"token match {row.token_match:.1f}%, mean KL {row.mean_kl:.3g}, max KL {row.max_kl:.3g}",
+                exact if row.policy == "kvdirect" else None,
+                figure if row.policy == "kvdirect" else None,
+            )
+        )
+    added = hook_count(model) - before
+    checks.append(Check("baselines", "no hooks left on the model", f"{added} added", added == 0))
+    return checks

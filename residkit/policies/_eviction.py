@@ -1,0 +1,254 @@
+"""Shared machinery of the eviction baselines (Window, StreamingLLM, H2O, SnapKV, TOVA).
+
+An eviction policy drops K/V for good, unlike KV-Direct, which recomputes them. Every baseline
+runs on the same decoding loop as the other policies: a ``transformers.DynamicCache`` passed as
+``past_key_values`` through the bridge forward, with each *global* layer replaced by an
+:class:`EvictionLayer`. Sliding-window layers of the model keep the model's own sliding cache.
+
+Conventions shared by every baseline:
+
+- **When.** A forward attends to everything kept plus the whole new chunk (causally), then
+  each layer is cut back to at most ``budget`` tokens. A prompt is therefore attended in full;
+  decoding holds ``budget`` tokens between steps and attention reads ``budget + 1`` keys.
+- **Positions.** Keys are stored post-rotary, at the absolute positions they were computed
+  at; positions are never re-assigned. Each layer records the absolute position of every kept
+  token per ``(batch, kv_head)``, in ascending order.
+- **Granularity.** Eviction is per layer and may differ per KV head (H2O, SnapKV score per KV
+  head; Window, StreamingLLM and TOVA keep one set for all heads). Every layer keeps the same
+  *number* of tokens, so one mask serves every global layer.
+- **GQA.** Attention weights come from the bridge's ``hook_pattern`` (eager attention,
+  ``[batch, n_heads, q, k]``). Query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)``
+  (``repeat_kv``); per-KV-head scores sum the query heads of the group.
+
+The mask. HF builds one mask for all global layers from ``get_mask_sizes``. A layer holding
+``kept`` of ``seen`` tokens reports ``(kept + q, seen - kept)``: the kept keys occupy
+``[seen - kept, seen)`` for the mask, all of them in every new row's past, and the new keys
+sit at their true positions ``[seen, seen + q)``, so the new rows stay causal among
+themselves. Reporting offset ``0`` instead would let row ``i`` of a multi-token chunk see
+later rows of the same chunk once anything was evicted (single-token steps are unaffected).
+"""
+
+from abc import abstractmethod
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int, Real
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from residkit._hooks import temporary_hooks
+from residkit.architectures import hf_config, spec_for
+from residkit.policies.base import CachePolicy, CacheSession
+from residkit.policies.full import kv_bytes
+
+__all__ = [
+    "EvictionLayer",
+    "EvictionPolicy",
+    "EvictionSession",
+    "check_budget",
+    "per_kv_head",
+    "top_k_sorted",
+]
+
+
+def check_budget(budget: object) -> int:
+    """``budget`` if it is a non-negative int, else a ValueError naming it."""
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
+        raise ValueError(f"budget must be a non-negative int, got {budget!r}")
+    return budget
+
+
+def top_k_sorted(
+    scores: Real[Tensor, "batch n_kv_heads n"], k: int
+) -> Int[Tensor, "batch n_kv_heads k"]:
+    """Indices of the ``k`` highest scores along the last dim, in ascending index order.
+
+    Ascending order keeps the kept keys in position order, as an uncompressed cache has them.
+
+    Example:
+        >>> top_k_sorted(torch.tensor([[[0.5, 0.1, 0.9, 0.3]]]), 2).tolist()
+        [[[0, 2]]]
+    """
+    k = min(k, scores.shape[-1])
+    return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
+
+
+def per_kv_head(
+    pattern: Float[Tensor, "batch n_heads q k"], n_kv_heads: int
+) -> Float[Tensor, "batch n_kv_heads q k"]:
+    """Attention weights summed over the query heads that share each KV head (float64).
+
+    Example:
+        >>> per_kv_head(torch.ones(1, 4, 1, 3), n_kv_heads=2).shape  # heads 0-1 -> 0, 2-3 -> 1
+        torch.Size([1, 2, 1, 3])
+    """
+    b, h, q, k = pattern.shape
+    if h % n_kv_heads:
+        raise ValueError(f"n_heads={h} is not a multiple of n_kv_heads={n_kv_heads}")
+    return pattern.double().view(b, n_kv_heads, h // n_kv_heads, q, k).sum(2)
+
+
+class EvictionLayer(DynamicLayer):
+    """A global layer's cache: kept K/V, their absolute positions, and optional scores.
+
+    Attributes:
+        seen: Tokens fed so far (absolute); the next token's position.
+        positions: ``[batch, n_kv_heads, kept]`` absolute positions of the kept tokens.
+        scores: Per-token running scores aligned with ``positions`` (H2O), or None.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+        self.positions: Tensor | None = None
+        self.scores: Tensor | None = None
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        b, h, q, _ = key_states.shape
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys = key_states.new_zeros(b, h, 0, key_states.shape[-1])
+            self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
+            self.positions = torch.zeros(b, h, 0, dtype=torch.long, device=key_states.device)
+        assert self.positions is not None and self.keys is not None and self.values is not None
+        new = torch.arange(self.seen, self.seen + q, device=key_states.device)
+        self.positions = torch.cat([self.positions, new.expand(b, h, q)], dim=-1)
+        if self.scores is not None:
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(b, h, q)], dim=-1)
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        self.keys, self.values = keys, values
+        self.seen += q
+        return keys, values
+
+    def kept(self) -> int:
+        """Tokens currently held."""
+        return 0 if self.positions is None else self.positions.shape[-1]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # Called before update(): see the module docstring for why the offset is seen - kept.
+        kept = self.kept()
+        return kept + query_length, self.seen - kept
+
+    def keep(self, index: Int[Tensor, "batch n_kv_heads k"]) -> None:
+        """Keep only the tokens at ``index`` (per batch row and KV head)."""
+        assert self.positions is not None and self.keys is not None and self.values is not None
+        keys, values = self.keys, self.values
+        self.keys = keys.gather(2, index[..., None].expand(*index.shape, keys.shape[-1]))
+        self.values = values.gather(2, index[..., None].expand(*index.shape, values.shape[-1]))
+        self.positions = self.positions.gather(2, index)
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, index)
+
+
+class EvictionPolicy(CachePolicy):
+    """Base of the eviction baselines: a budget and a rule choosing which tokens to keep."""
+
+    needs_attention = False
+
+    def __init__(self, budget: int) -> None:
+        self.budget = check_budget(budget)
+
+    def open(self, model: TransformerBridge) -> CacheSession:
+        return EvictionSession(model, self)
+
+    def summarize(self, pattern: Float[Tensor, "batch n_heads q k"]) -> Tensor:
+        """What :meth:`select` needs of one forward's attention, taken inside the hook.
+
+        Holding a summary instead of the pattern keeps a long prompt from holding one
+        ``q x k`` matrix per layer until the forward ends. Must not be a view of ``pattern``.
+        """
+        return pattern.clone()
+
+    @abstractmethod
+    def select(
+        self, layer: EvictionLayer, pattern: Tensor | None, n_new: int, n_kv_heads: int
+    ) -> Tensor | None:
+        """Indices ``[batch, n_kv_heads, k]`` into ``layer`` to keep after a forward, or None.
+
+        Called after every forward of ``n_new`` tokens with :meth:`summarize` of that forward's
+        ``[batch, n_heads, n_new, kept]`` attention (None unless ``needs_attention``). May
+        update ``layer.scores`` before choosing.
+        """
+
+
+class EvictionSession(CacheSession):
+    """One generation under an :class:`EvictionPolicy`."""
+
+    def __init__(self, model: TransformerBridge, policy: EvictionPolicy) -> None:
+        super().__init__(model)
+        self.policy = policy
+        self.spec = spec_for(model)
+        cfg = hf_config(model)
+        sliding = set(self.spec.sliding_layers(cfg))
+        self.global_layers = [i for i in range(model.cfg.n_layers) if i not in sliding]
+        self.n_kv_heads = int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+        self.cache = DynamicCache(config=cfg)
+        for layer in self.global_layers:
+            self.cache.layers[layer] = EvictionLayer()
+        self._patterns: dict[int, Tensor] = {}
+
+    def _layer(self, layer: int) -> EvictionLayer:
+        cached = self.cache.layers[layer]
+        assert isinstance(cached, EvictionLayer)
+        return cached
+
+    def _hooks(self) -> list[tuple[str, Any]]:
+        if not self.policy.needs_attention:
+            return []
+        hooks = []
+        for layer in self.global_layers:
+
+            def keep_pattern(act: Tensor, hook: object, layer: int = layer) -> None:
+                self._patterns[layer] = self.policy.summarize(act.detach())
+
+            hooks.append((self.spec.pattern_hook.format(layer=layer), keep_pattern))
+        return hooks
+
+    def _forward(self, ids: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
+        self._patterns.clear()
+        try:
+            with temporary_hooks(self.model, self._hooks()):
+                logits = self.model(ids, past_key_values=self.cache)[:, -1]
+            for layer in self.global_layers:
+                pattern = self._patterns.pop(layer, None)
+                if self.policy.needs_attention and pattern is None:
+                    raise RuntimeError(
+                        f"{self.spec.pattern_hook.format(layer=layer)} did not fire; "
+                        f"{type(self.policy).__name__} needs attention weights (eager attention)"
+                    )
+                cached = self._layer(layer)
+                index = self.policy.select(cached, pattern, ids.shape[1], self.n_kv_heads)
+                if index is not None:
+                    cached.keep(index)
+        finally:
+            self._patterns.clear()
+        if self.global_layers:
+            first = self._layer(self.global_layers[0])
+            self.memory.tokens_evicted = first.seen - first.kept()
+        self.memory.record(kv_bytes(self.cache), 0)
+        return logits
+
+    def kept_positions(self) -> dict[int, Int[Tensor, "batch n_kv_heads kept"]]:
+        """Absolute positions each global layer holds now, per ``(batch, kv_head)``."""
+        out = {}
+        for layer in self.global_layers:
+            positions = self._layer(layer).positions
+            empty = torch.zeros(1, self.n_kv_heads, 0, dtype=torch.long)
+            out[layer] = positions.clone() if positions is not None else empty
+        return out
+
+    @torch.no_grad()
+    def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
+        return self._forward(tokens)
+
+    @torch.no_grad()
+    def step(self, token: Int[Tensor, "1 1"]) -> Float[Tensor, "1 vocab"]:
+        return self._forward(token)

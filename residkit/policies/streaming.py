@@ -1,0 +1,83 @@
+"""StreamingLLM: attention sinks plus a recent window.
+
+Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks" (arXiv 2309.17453):
+the first few tokens absorb a large share of attention whatever their content ("attention
+sinks"); keeping their K/V next to a window of recent tokens keeps decoding stable where a
+plain window collapses.
+
+Conventions (shared ones in :mod:`residkit.policies._eviction`):
+
+- Eviction after every forward, the prompt's included; the prompt itself is attended in full.
+- Sinks are the tokens at absolute positions ``0 .. sinks-1`` (BOS is position 0).
+- Absolute positions are kept. The paper's reference code re-assigns rotary positions inside
+  the cache (positions ``0 .. budget-1`` whatever the real distance); residkit keeps keys
+  post-rotary at their original positions, as every other policy here does, so the only
+  difference between policies is *which* tokens are kept.
+- No scores: one kept set for all KV heads of a layer, so GQA changes nothing.
+- The newest token is kept whenever ``budget > sinks``; with ``budget == sinks`` only the
+  sinks are kept between steps.
+"""
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from residkit.policies._eviction import EvictionLayer, EvictionPolicy, top_k_sorted
+
+__all__ = ["StreamingLLM", "streaming_keep"]
+
+
+def streaming_keep(
+    positions: Int[Tensor, "batch n_kv_heads n"], budget: int, sinks: int
+) -> Int[Tensor, "batch n_kv_heads k"]:
+    """Indices of the sink positions (``< sinks``) and the most recent of the rest.
+
+    Example:
+        >>> positions = torch.arange(8).view(1, 1, 8)
+        >>> positions.gather(-1, streaming_keep(positions, 4, sinks=1)).tolist()
+        [[[0, 5, 6, 7]]]
+    """
+    # Sinks outrank every other token; the rest rank by recency.
+    priority = torch.where(positions < sinks, positions.new_tensor(2**62), positions)
+    return top_k_sorted(priority, budget)
+
+
+class StreamingLLM(EvictionPolicy):
+    """Keep ``sinks`` first tokens and the most recent ``budget - sinks`` tokens.
+
+    Args:
+        budget: Tokens kept per global layer between forwards, sinks included.
+        sinks: Attention-sink tokens kept from the start of the sequence (the paper uses 4).
+
+    Raises:
+        ValueError: ``budget`` or ``sinks`` negative or not an int, or ``budget < sinks``.
+
+    Example:
+        >>> import residkit
+        >>> from residkit.policies.streaming import StreamingLLM
+        >>> model = residkit.load("zoo:llama")
+        >>> session = StreamingLLM(6, sinks=2).open(model)
+        >>> _ = session.prefill(model.to_tokens("abcdefghij"))
+        >>> session.kept_positions()[0][0, 0].tolist()
+        [0, 1, 7, 8, 9, 10]
+    """
+
+    name = "streaming"
+
+    def __init__(self, budget: int, sinks: int = 4) -> None:
+        super().__init__(budget)
+        if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
+            raise ValueError(f"sinks must be a non-negative int, got {sinks!r}")
+        if budget < sinks:
+            raise ValueError(
+                f"budget={budget} is smaller than sinks={sinks}: the budget includes the sinks"
+            )
+        self.sinks = sinks
+
+    def select(
+        self, layer: EvictionLayer, pattern: Tensor | None, n_new: int, n_kv_heads: int
+    ) -> Tensor | None:
+        assert layer.positions is not None
+        if layer.kept() <= self.budget:
+            return None
+        return streaming_keep(layer.positions, self.budget, self.sinks)
