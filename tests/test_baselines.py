@@ -265,7 +265,7 @@ def test_snapkv_append_keeps_every_decoded_token(model_for) -> None:
 PROMPTS = ["The residual stream is all you need.", "Keys and values are projections of it."]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_compare_policies(family: str, model_for, no_leaked_hooks) -> None:
     model = model_for(family)
     with no_leaked_hooks(model):
@@ -277,9 +277,9 @@ def test_compare_policies(family: str, model_for, no_leaked_hooks) -> None:
         assert kvd["token_match"] == 100.0 and kvd["mean_kl"] == 0.0 and kvd["max_kl"] == 0.0
         for name in ("window", "streaming", "h2o", "snapkv", "tova"):
             assert table.loc[(name, budget), "mean_kl"] > 0.0, (name, budget)
-    if family == "llama":
-        # Random-init Gemma echoes its last input token, so greedy tokens rarely move there;
-        # KL (above) is the measure that sees the difference on that model.
+    if family != "gemma3":
+        # Random-init Gemma echoes its last input token, so greedy tokens rarely move there
+        # (streaming and h2o stay at 100% at B=4); KL (above) sees the difference on that model.
         for name in ("window", "streaming", "h2o", "snapkv", "tova"):
             assert table.loc[(name, 4), "token_match"] < 100.0, name
     assert len(cmp.steps) == 6 * 2 * 2 * 16
