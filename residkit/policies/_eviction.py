@@ -248,7 +248,3 @@ class EvictionSession(CacheSession):
     @torch.no_grad()
     def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
         return self._forward(tokens)
-
-    @torch.no_grad()
-    def step(self, token: Int[Tensor, "1 1"]) -> Float[Tensor, "1 vocab"]:
-        return self._forward(token)

@@ -56,9 +56,9 @@ class CacheSession(ABC):
     def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
         """Append a chunk of tokens (the prompt, or a later chat turn); return its last logits."""
 
-    @abstractmethod
     def step(self, token: Int[Tensor, "1 1"]) -> Float[Tensor, "1 vocab"]:
-        """Append one token; return its logits."""
+        """Append one token; return its logits. A step is a chunk of one for every policy here."""
+        return self.prefill(token)
 
     def close(self) -> None:  # noqa: B027 - optional hook, most sessions hold nothing external
         """Release anything the session put on the model (hooks, overrides)."""

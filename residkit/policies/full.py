@@ -36,10 +36,6 @@ class _FullSession(CacheSession):
     def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
         return self._run(tokens)
 
-    @torch.no_grad()
-    def step(self, token: Int[Tensor, "1 1"]) -> Float[Tensor, "1 vocab"]:
-        return self._run(token)
-
 
 class FullCache(CachePolicy):
     """Keep every token's K/V (sliding-window layers keep what the model's cache keeps).

@@ -239,10 +239,6 @@ class _KVDirectSession(CacheSession):
     def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
         return self._forward(tokens)
 
-    @torch.no_grad()
-    def step(self, token: Int[Tensor, "1 1"]) -> Float[Tensor, "1 vocab"]:
-        return self._forward(token)
-
 
 class KVDirect(CachePolicy):
     """Keep the last ``budget`` tokens' K/V; recompute older K/V from checkpoints.

@@ -26,12 +26,6 @@ class _NoCacheSession(CacheSession):
         self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens], dim=1)
         return self._run()
 
-    @torch.no_grad()
-    def step(self, token: Int[Tensor, "1 1"]) -> Float[Tensor, "1 vocab"]:
-        assert self.tokens is not None
-        self.tokens = torch.cat([self.tokens, token], dim=1)
-        return self._run()
-
 
 class NoCache(CachePolicy):
     """Recompute everything from scratch every step, with no ``past_key_values``.
