@@ -110,6 +110,11 @@ class ArchSpec:
             return tuple(range(n))
         return ()
 
+    def global_layers(self, hf_config: Any) -> list[int]:
+        """Indices of layers attending to the whole context (the ones a KV policy manages)."""
+        sliding = set(self.sliding_layers(hf_config))
+        return [i for i in range(hf_config.num_hidden_layers) if i not in sliding]
+
     def layer_type(self, hf_config: Any, layer: int) -> str:
         """``"sliding_attention"`` or ``"full_attention"`` for ``layer``."""
         return "sliding_attention" if layer in self.sliding_layers(hf_config) else "full_attention"

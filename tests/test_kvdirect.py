@@ -215,3 +215,18 @@ def test_hooks_removed_when_a_forward_raises(model_for, no_leaked_hooks) -> None
     with no_leaked_hooks(model), pytest.raises(IndexError):
         generate_kvdirect(model, torch.tensor([[1, 2, 10_000]]), max_new_tokens=3, budget=1)
     assert residkit.generate_kvdirect is generate_kvdirect
+
+
+@pytest.mark.parametrize(
+    ("text", "n", "message"),
+    [
+        ("", 4, "empty message"),
+        ("hi", 0, "max_new_tokens must be >= 1, got 0"),
+        ("hi", 5000, "beyond the model's context"),
+    ],
+)
+def test_chat_bad_input(text: str, n: int, message: str, model_for, no_leaked_hooks) -> None:
+    model = model_for("llama")
+    chat = Chat(model, KVDirect(4))
+    with no_leaked_hooks(model), pytest.raises(ValueError, match=message):
+        chat.send(text, max_new_tokens=n)

@@ -187,8 +187,7 @@ class EvictionSession(CacheSession):
         self.policy = policy
         self.spec = spec_for(model)
         cfg = hf_config(model)
-        sliding = set(self.spec.sliding_layers(cfg))
-        self.global_layers = [i for i in range(model.cfg.n_layers) if i not in sliding]
+        self.global_layers = self.spec.global_layers(cfg)
         self.n_kv_heads = int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
         self.cache = DynamicCache(config=cfg)
         for layer in self.global_layers:

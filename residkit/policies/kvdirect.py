@@ -118,8 +118,7 @@ class _KVDirectSession(CacheSession):
         self.policy = policy
         self.spec = spec_for(model)
         cfg = hf_config(model)
-        sliding = set(self.spec.sliding_layers(cfg))
-        self.global_layers = [i for i in range(model.cfg.n_layers) if i not in sliding]
+        self.global_layers = self.spec.global_layers(cfg)
         self.cache = DynamicCache(config=cfg)
         for layer in self.global_layers:
             self.cache.layers[layer] = KVDirectLayer(self, layer)
