@@ -16,7 +16,14 @@ import torch
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
-__all__ = ["hook_count", "muted_hook_points", "replaced_forward", "temporary_hooks"]
+__all__ = [
+    "hook_count",
+    "hook_points",
+    "muted",
+    "muted_hook_points",
+    "replaced_forward",
+    "temporary_hooks",
+]
 
 
 def hook_count(model: nn.Module) -> int:
@@ -47,6 +54,30 @@ def temporary_hooks(model: Any, fwd_hooks: list[tuple[str, Callable[..., Any]]])
         yield
 
 
+def hook_points(module: nn.Module | None) -> list[HookPoint]:
+    """Every TransformerLens ``HookPoint`` under ``module`` (none for None)."""
+    return [] if module is None else [m for m in module.modules() if isinstance(m, HookPoint)]
+
+
+@contextmanager
+def muted(points: list[HookPoint]) -> Iterator[None]:
+    """Silence the given hook points for the block (see :func:`muted_hook_points`).
+
+    Takes a list so callers that mute the same layer at every decoding step can build it once.
+    """
+    saved = [(p, p._forward_hooks, p._forward_pre_hooks) for p in points]
+    saved = [entry for entry in saved if entry[1] or entry[2]]
+    try:
+        for p, _, _ in saved:
+            p._forward_hooks = OrderedDict()
+            p._forward_pre_hooks = OrderedDict()
+        yield
+    finally:
+        for p, fwd, pre in saved:
+            p._forward_hooks = fwd
+            p._forward_pre_hooks = pre
+
+
 @contextmanager
 def muted_hook_points(module: nn.Module) -> Iterator[None]:
     """Silence every TransformerLens ``HookPoint`` under ``module`` for the block.
@@ -55,18 +86,8 @@ def muted_hook_points(module: nn.Module) -> Iterator[None]:
     a user's hook on ``hook_k`` must see each real forward once, not our recomputes too.
     Only HookPoints are muted: PyTorch hooks the bridge uses internally keep running.
     """
-    saved: list[tuple[HookPoint, Any, Any]] = []
-    try:
-        for sub in module.modules():
-            if isinstance(sub, HookPoint) and (sub._forward_hooks or sub._forward_pre_hooks):
-                saved.append((sub, sub._forward_hooks, sub._forward_pre_hooks))
-                sub._forward_hooks = OrderedDict()
-                sub._forward_pre_hooks = OrderedDict()
+    with muted(hook_points(module)):
         yield
-    finally:
-        for sub, fwd, pre in saved:
-            sub._forward_hooks = fwd
-            sub._forward_pre_hooks = pre
 
 
 @contextmanager

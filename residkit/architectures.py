@@ -63,6 +63,10 @@ class ArchSpec:
             applying to every layer) or ``"none"``.
         key_hook: Hook whose value is the key exactly as attention consumes it (after any
             k-norm and rotary), or None when the bridge fires no such hook.
+        query_placeholder: What K/V recomputation feeds the attention bridge instead of Q, which
+            K and V never read: ``"empty"`` (zero heads, so neither Q's GEMM nor its rotary
+            runs) or ``"zeros"`` (Q's full shape: the joint-QKV bridges infer ``d_head`` from Q's
+            width, and OLMo 2 normalises Q over its full width).
         bypass_inputs: Inputs a block reads that do not come through the residual stream
             (e.g. Gemma 3n per-layer token embeddings). Empty for every supported family.
         notes: One line on what makes the family interesting here.
@@ -85,6 +89,7 @@ class ArchSpec:
     pattern_hook: str = "blocks.{layer}.attn.hook_pattern"
     resid_pre_hook: str = "blocks.{layer}.hook_resid_pre"
     final_resid_hook: str = "ln_final.hook_in"
+    query_placeholder: Literal["empty", "zeros"] = "empty"
     bypass_inputs: tuple[str, ...] = ()
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -154,6 +159,7 @@ _ROWS = [
         position="absolute",
         attn_norm_path="ln_1",
         key_hook="blocks.{layer}.attn.hook_k",  # no rotary: hook_k is what attention consumes
+        query_placeholder="zeros",
         notes="fused c_attn, learned absolute positions, LayerNorm",
     ),
     ArchSpec(
@@ -164,6 +170,7 @@ _ROWS = [
         position="partial_rotary",
         parallel_block=True,
         key_hook=None,
+        query_placeholder="zeros",
         notes="parallel attention + MLP, rotary on 25% of each head",
     ),
     ArchSpec(
@@ -171,6 +178,7 @@ _ROWS = [
         ("phi3",),
         window_rule="all_layers",
         key_hook=None,
+        query_placeholder="zeros",
         notes="fused qkv_proj and gate_up_proj",
     ),
     ArchSpec(
@@ -178,6 +186,7 @@ _ROWS = [
         ("olmo2",),
         k_norm="full",
         attn_norm_path=None,
+        query_placeholder="zeros",  # q_norm runs over Q's full width
         notes="no pre-norm: RMSNorm after attention and MLP, QK-norm over all heads",
     ),
 ]

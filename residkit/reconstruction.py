@@ -13,7 +13,6 @@ which rows differ. So ``mode="exact"`` recomputes every original chunk with its 
 recomputes all positions in one call and reports the max error. See ``docs/gemm_shapes.md``.
 """
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,10 +23,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
-from transformers.cache_utils import Cache
 
-from residkit._hooks import muted_hook_points, temporary_hooks
-from residkit.architectures import ArchSpec, hf_config, spec_for
+from residkit._hooks import temporary_hooks
+from residkit._recompute import KVProjector
+from residkit.architectures import hf_config, spec_for
 from residkit.capture import Inputs, capture_residuals, to_tokens
 
 if TYPE_CHECKING:
@@ -38,81 +37,23 @@ __all__ = ["KVReport", "kv_reconstruction_report", "recompute_kv"]
 MODES = ("exact", "batched")
 
 
-class _Captured(Exception):
-    def __init__(self, keys: Tensor, values: Tensor) -> None:
-        self.keys, self.values = keys, values
-
-
-class _CaptureCache(Cache):
-    """A cache whose first ``update`` hands back (k, v) by stopping the layer's forward."""
-
-    def __init__(self) -> None:  # no layers: nothing is ever stored
-        self.layers = []
-        self.layer_class_to_replicate = None
-        self.offloading = False
-
-    def update(
-        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *a: Any, **k: Any
-    ) -> Any:
-        raise _Captured(key_states, value_states)
-
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        return 0
-
-
-def _rotary(model: TransformerBridge, spec: ArchSpec, layer: int, x: Tensor, pos: Tensor) -> Any:
-    if spec.rotary_path is None:
-        return None
-    rot = operator.attrgetter(spec.rotary_path)(model.original_model)
-    if spec.rotary_by_layer_type:
-        return rot(x, pos, spec.layer_type(hf_config(model), layer))
-    return rot(x, pos)
-
-
 def layer_kv(
     model: TransformerBridge,
     layer: int,
     residual: Tensor,
     position_ids: Tensor,
     *,
+    chunks: Sequence[int] | None = None,
     pre_rotary_keys: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Unchecked core of :func:`recompute_kv`; also returns pre-rotary keys if asked.
+    """Unchecked core of :func:`recompute_kv` (see :class:`residkit._recompute.KVProjector`).
 
-    User hooks do not fire: the layer's and the rotary module's hook points are muted.
+    ``chunks``: sizes of the original forward chunks, for their GEMM shapes (bitwise on CPU).
+    User hooks do not fire.
     """
-    spec = spec_for(model)
-    block = model.blocks[layer]
-    pre: list[Tensor] = []
-    rot_module = (
-        operator.attrgetter(spec.rotary_path)(model.original_model) if spec.rotary_path else None
+    return KVProjector(model)(
+        layer, residual, position_ids, chunks=chunks, pre_rotary_keys=pre_rotary_keys
     )
-    with muted_hook_points(block), muted_hook_points(rot_module or block):
-        handle = None
-        if pre_rotary_keys:
-            hp = model.hook_dict[spec.pre_rotary_key_hook.format(layer=layer)]
-            # A raw PyTorch hook sees the flat [batch, pos, heads * d_head] projection; the
-            # HookPoint's user-facing view splits heads, so do the same here.
-            d_head = model.cfg.d_head
-            handle = hp.register_forward_hook(
-                lambda m, i, out: pre.append(out.detach().unflatten(-1, (-1, d_head)).clone())
-            )
-        try:
-            block(
-                residual,
-                attention_mask=None,
-                position_ids=position_ids,
-                past_key_values=_CaptureCache(),
-                use_cache=True,
-                position_embeddings=_rotary(model, spec, layer, residual, position_ids),
-                cache_position=position_ids[0],
-            )
-        except _Captured as got:
-            return got.keys, got.values, (pre[0] if pre else None)
-        finally:
-            if handle is not None:
-                handle.remove()
-    raise RuntimeError(f"layer {layer} of {spec.family} finished without writing to its cache")
 
 
 @torch.no_grad()
@@ -276,37 +217,21 @@ def kv_reconstruction_report(
             logits = model(nxt, past_key_values=cache)
             chunks.append(1)
     total = sum(chunks)
-    starts = [sum(chunks[:i]) for i in range(len(chunks))]
     rows = []
     for layer in range(n):
         resid = store[spec.resid_pre_hook.format(layer=layer)]
-        if mode == "exact":
-            parts = [
-                layer_kv(
-                    model,
-                    layer,
-                    r,
-                    torch.arange(s, s + r.shape[1]).unsqueeze(0),
-                    pre_rotary_keys=spec.key_hook is None,
-                )
-                for r, s in zip(resid, starts, strict=True)
-            ]
-        else:
-            parts = [
-                layer_kv(
-                    model,
-                    layer,
-                    torch.cat(resid, dim=1),
-                    torch.arange(total).unsqueeze(0),
-                    pre_rotary_keys=spec.key_hook is None,
-                )
-            ]
-        k = torch.cat([p[0] for p in parts], dim=2)
-        v = torch.cat([p[1] for p in parts], dim=2)
+        # Exact: the original chunk shapes for the projections; batched: one GEMM.
+        k, v, pre = layer_kv(
+            model,
+            layer,
+            torch.cat(resid, dim=1),
+            torch.arange(total).unsqueeze(0),
+            chunks=chunks if mode == "exact" else None,
+            pre_rotary_keys=spec.key_hook is None,
+        )
         hook_k = torch.cat(store[key_hook.format(layer=layer)], dim=1).transpose(1, 2)
         hook_v = torch.cat(store[spec.value_hook.format(layer=layer)], dim=1).transpose(1, 2)
-        pre = [p[2] for p in parts if p[2] is not None]
-        k_for_hook = k if spec.key_hook else torch.cat(pre, dim=1).transpose(1, 2)
+        k_for_hook = k if pre is None else pre.transpose(1, 2)
         layer_cache: Any = cache.layers[layer]
         cached_k, cached_v = layer_cache.keys, layer_cache.values
         kept = cached_k.shape[2]

@@ -25,6 +25,10 @@ class MemoryStats:
         checkpoint_bytes: Residual checkpoints (or token ids) kept instead of evicted K/V.
         transient_bytes: Peak size of K/V recomputed for one forward and then freed.
         tokens_evicted: Tokens whose K/V left the active cache.
+        recompute_seconds: Wall time spent recomputing K/V from checkpoints.
+        recomputed_tokens: Token-rows pushed through recomputation, summed over forwards and
+            layers (layer checkpoints: rows through one layer's K/V projections; token
+            checkpoints: rows through a whole forward). Sets the recompute's FLOP count.
         per_step: ``(active_kv_bytes, checkpoint_bytes)`` after each forward.
     """
 
@@ -35,6 +39,7 @@ class MemoryStats:
     peak_transient_bytes: int = 0
     tokens_evicted: int = 0
     recompute_seconds: float = 0.0
+    recomputed_tokens: int = 0
     per_step: list[tuple[int, int]] = field(default_factory=list)
 
     def record(self, active: int, checkpoints: int, transient: int = 0) -> None:

@@ -45,10 +45,10 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from residkit._hooks import muted_hook_points, temporary_hooks
+from residkit._recompute import KVProjector
 from residkit.architectures import hf_config, spec_for
 from residkit.policies.base import CachePolicy, CacheSession
 from residkit.policies.full import kv_bytes
-from residkit.reconstruction import layer_kv
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -127,6 +127,8 @@ class _KVDirectSession(CacheSession):
         self.chunks: list[tuple[int, Tensor]] = []  # (start, token ids) of every forward
         self.resid: dict[int, list[Tensor]] = {layer: [] for layer in self.global_layers}
         self._recomputed: dict[int, tuple[Tensor, Tensor]] = {}
+        self.projector = KVProjector(model)
+        self._rotary: dict[str, tuple[Tensor, Any]] = {}  # per layer type, for one forward
         self._transient = 0
         self.shadow = DynamicCache(config=cfg) if policy.measure_deviation else None
         self.max_logit_deviation: float | None = 0.0 if policy.measure_deviation else None
@@ -138,27 +140,43 @@ class _KVDirectSession(CacheSession):
     def _chunks_covering_evicted(self) -> list[int]:
         return [i for i, (start, _) in enumerate(self.chunks) if start < self.evicted]
 
+    def _checkpoints(self, layer: int) -> Tensor:
+        """All stored residuals of ``layer`` as one tensor (merged in place: one copy a step)."""
+        parts = self.resid[layer]
+        if len(parts) > 1:
+            parts[:] = [torch.cat(parts, dim=1)]
+        return parts[0]
+
     def _recompute_layer(self, layer: int) -> None:
         """K/V of tokens [0, evicted) at ``layer`` from residual checkpoints (layer mode)."""
         if self.evicted == 0:
             return
         t0 = time.perf_counter()
+        merging = len(self.resid[layer]) > 1
+        rows = self._checkpoints(layer)
         if self.policy.mode == "exact":
-            parts = []
-            for i in self._chunks_covering_evicted():
-                start, ids = self.chunks[i]
-                pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
-                k, v, _ = layer_kv(self.model, layer, self.resid[layer][i], pos)
-                keep = min(ids.shape[1], self.evicted - start)
-                parts.append((k[:, :, :keep], v[:, :, :keep]))
-            k = torch.cat([p[0] for p in parts], dim=2)
-            v = torch.cat([p[1] for p in parts], dim=2)
+            # Whole original chunks: their GEMM shapes are what makes the K/V bitwise.
+            sizes: list[int] | None = [
+                self.chunks[i][1].shape[1] for i in self._chunks_covering_evicted()
+            ]
+            n = sum(sizes or [])
         else:
-            resid = torch.cat(self.resid[layer], dim=1)[:, : self.evicted]
-            pos = torch.arange(self.evicted, device=resid.device).unsqueeze(0)
-            k, v, _ = layer_kv(self.model, layer, resid, pos)
-        self._recomputed[layer] = (k, v)
-        self._transient = max(self._transient, _nbytes(k, v))
+            sizes, n = None, self.evicted
+        kind = self.spec.layer_type(self.projector.config, layer)
+        if kind not in self._rotary:
+            pos = torch.arange(n, device=rows.device).unsqueeze(0)
+            self._rotary[kind] = (pos, self.projector.position_embeddings(layer, rows, pos, sizes))
+        pos, rotary = self._rotary[kind]
+        k, v, _ = self.projector(layer, rows[:, :n], pos, chunks=sizes, position_embeddings=rotary)
+        self._recomputed[layer] = (k[:, :, : self.evicted], v[:, :, : self.evicted])
+        self.memory.recomputed_tokens += n
+        # Alive while this layer recomputes: K/V, the norm output (one residual per row), the
+        # rotary tables, and the merged checkpoint copy when the merge happened.
+        merged = _nbytes(rows) if merging else 0
+        tables = _nbytes(*rotary) if rotary is not None else 0
+        self._transient = max(
+            self._transient, _nbytes(k, v) + _nbytes(rows[:, :n]) + tables + merged
+        )
         self.memory.recompute_seconds += time.perf_counter() - t0
 
     def _replay_evicted(self) -> None:
@@ -171,9 +189,11 @@ class _KVDirectSession(CacheSession):
             if self.policy.mode == "exact":
                 for i in self._chunks_covering_evicted():
                     self.model(self.chunks[i][1], past_key_values=replay, return_type=None)
+                    self.memory.recomputed_tokens += self.chunks[i][1].shape[1]
             else:
                 ids = torch.cat([c for _, c in self.chunks], dim=1)[:, : self.evicted]
                 self.model(ids, past_key_values=replay, return_type=None)
+                self.memory.recomputed_tokens += self.evicted
         for layer in self.global_layers:
             cached: Any = replay.layers[layer]
             self._recomputed[layer] = (
@@ -190,8 +210,8 @@ class _KVDirectSession(CacheSession):
 
             def at_layer(act: Tensor, hook: object, layer: int = layer) -> None:
                 if self.policy.checkpoint == "layer":
-                    self.resid[layer].append(act.detach().clone())
                     self._recompute_layer(layer)
+                    self.resid[layer].append(act.detach().clone())
 
             hooks.append((self.spec.resid_pre_hook.format(layer=layer), at_layer))
         return hooks
@@ -202,14 +222,13 @@ class _KVDirectSession(CacheSession):
         with temporary_hooks(self.model, self._hooks()):
             logits = self.model(ids, past_key_values=self.cache)[:, -1]
         self._recomputed.clear()
+        self._rotary.clear()
         self.chunks.append((self.total, ids))
         self.total += ids.shape[1]
         self.evicted = max(self.evicted, self.total - self.policy.budget)
         for layer in self.global_layers:
             layer_cache: Any = self.cache.layers[layer]
             layer_cache.trim(self.total - self.evicted)
-        if self.policy.mode == "fast" and self.policy.checkpoint == "layer":
-            self._compact_fast()
         if self.shadow is not None:
             with muted_hook_points(self.model):
                 ref = self.model(ids, past_key_values=self.shadow)[:, -1]
@@ -219,12 +238,6 @@ class _KVDirectSession(CacheSession):
         self.memory.record(self.active_bytes(), self.checkpoint_bytes(), self._transient)
         self._transient = 0
         return logits
-
-    def _compact_fast(self) -> None:
-        # Fast mode needs no chunk boundaries: one tensor per layer is enough.
-        for layer in self.global_layers:
-            if len(self.resid[layer]) > 1:
-                self.resid[layer] = [torch.cat(self.resid[layer], dim=1)]
 
     def active_bytes(self) -> int:
         return kv_bytes(self.cache)

@@ -1,0 +1,224 @@
+"""The one place residkit turns residuals back into K and V (reconstruction and KV-Direct).
+
+Block ``l`` of the bridge runs on the residual with a ``transformers.Cache`` whose ``update()``
+raises with ``(k, v)``: whatever the family does before its cache write (norm, biases,
+QK-norm, partial or per-layer-type rotary) is done by the family's own code, and attention
+scores and the MLP are never computed. Three economies keep that cheap enough to run at every
+decoding step, and none changes a bit of K or V (``tests/test_recompute.py`` checks each
+against the model's own cache, with negative controls):
+
+- **No Q.** The query projection returns a tensor with zero heads, so neither its GEMM nor its
+  rotary runs. K and V never read Q in any supported family.
+- **Hook points muted from a list** built once per layer, not a module walk per call. User
+  hooks still never fire during recomputation.
+- **GEMM shapes on request.** With ``chunks``, the K and V projections run once per original
+  chunk, which is what bitwise equality on CPU needs (a float32 GEMM row depends on the row
+  count M; ``docs/gemm_shapes.md``). The row-wise norm and element-wise rotary run once over
+  all rows: they do not depend on M, and the exactness tests would see it if they did.
+"""
+
+import operator
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge import TransformerBridge
+from transformers.cache_utils import Cache
+
+from residkit._hooks import hook_points, muted, replaced_forward
+from residkit.architectures import hf_config, spec_for
+
+__all__ = ["KVProjector", "spans"]
+
+# PyTorch's CPU allocator aligns to 64 bytes; a GEMM input that is a view at another alignment
+# may take a different kernel path, so such views are copied first.
+_ALIGN = 64
+
+
+class _Captured(Exception):
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        self.keys, self.values = keys, values
+
+
+class _CaptureCache(Cache):
+    """A cache whose first ``update`` hands back (k, v) by stopping the layer's forward."""
+
+    def __init__(self) -> None:  # no layers: nothing is ever stored
+        self.layers = []
+        self.layer_class_to_replicate = None
+        self.offloading = False
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *a: Any, **k: Any
+    ) -> Any:
+        raise _Captured(key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return 0
+
+
+def spans(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """``[(start, length)]`` of consecutive chunks of the given sizes."""
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, size))
+        start += size
+    return out
+
+
+class KVProjector:
+    """Recomputes one layer's K and V from the residual entering it.
+
+    Args:
+        model: A bridge from :func:`residkit.load`. The projector holds references to its
+            modules and adds nothing to it outside a call.
+
+    Example:
+        >>> import residkit, torch
+        >>> model = residkit.load("zoo:llama")
+        >>> resid = residkit.capture_residuals(model, "abcd", layers=[2])[0]
+        >>> k, v, _ = KVProjector(model)(2, resid, torch.arange(4)[None])
+        >>> k.shape
+        torch.Size([1, 2, 4, 16])
+    """
+
+    def __init__(self, model: TransformerBridge) -> None:
+        self.model = model
+        self.spec = spec_for(model)
+        self.config = hf_config(model)
+        path = self.spec.rotary_path
+        self.rotary: nn.Module | None = (
+            operator.attrgetter(path)(model.original_model) if path else None
+        )
+        self._rotary_points = hook_points(self.rotary)
+        self._block_points: dict[int, list[HookPoint]] = {}
+
+    def position_embeddings(
+        self, layer: int, like: Tensor, position_ids: Tensor, chunks: Sequence[int] | None = None
+    ) -> Any:
+        """The rotary ``(cos, sin)`` block ``layer`` uses at ``position_ids`` (None: no rotary).
+
+        With ``chunks``, computed once per chunk, the way the original forwards did.
+        """
+        if self.rotary is None:
+            return None
+        with muted(self._rotary_points):
+            if chunks is None:
+                return self._rotary_call(layer, like, position_ids)
+            parts = [
+                self._rotary_call(layer, like, position_ids[:, s : s + n]) for s, n in spans(chunks)
+            ]
+        return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(len(parts[0])))
+
+    def _rotary_call(self, layer: int, like: Tensor, position_ids: Tensor) -> Any:
+        assert self.rotary is not None
+        if self.spec.rotary_by_layer_type:
+            return self.rotary(like, position_ids, self.spec.layer_type(self.config, layer))
+        return self.rotary(like, position_ids)
+
+    def _native_norm(self, block: Any) -> Any:
+        """The attention-input norm bridge, if its output is its HF module's own output.
+
+        Such a bridge first computes ``hook_scale`` and ``hook_normalized`` for observers and
+        then returns ``original_component(x)``; with hooks muted nobody observes, so the
+        recompute calls the HF module directly and skips the observers' copy of the norm.
+        A bridge that computes its own output (GPT-2's LayerNorm here) is left alone.
+        """
+        path = self.spec.attn_norm_path
+        norm = operator.attrgetter(path)(block.original_component) if path else None
+        native = getattr(norm, "use_native_layernorm_autograd", False) or getattr(
+            getattr(norm, "config", None), "layer_norm_folding", False
+        )
+        return norm if native else None
+
+    @staticmethod
+    def _norm_forward(norm: Any) -> Any:
+        hf_norm = norm.original_component
+
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            out = hf_norm(x)
+            return out if out.dtype == x.dtype else out.to(x.dtype)
+
+        return forward
+
+    def __call__(
+        self,
+        layer: int,
+        residual: Tensor,
+        position_ids: Tensor,
+        *,
+        chunks: Sequence[int] | None = None,
+        position_embeddings: Any = None,
+        pre_rotary_keys: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(keys, values, pre_rotary_keys or None)`` of block ``layer``.
+
+        Args:
+            layer: Block index.
+            residual: ``[batch, pos, d_model]``, the values of ``blocks.{layer}.hook_resid_pre``.
+            position_ids: ``[batch, pos]`` absolute positions.
+            chunks: Sizes of the original forward chunks covering ``pos`` (exact GEMM shapes),
+                or None for one GEMM over all rows.
+            position_embeddings: Precomputed :meth:`position_embeddings`, to share across layers.
+            pre_rotary_keys: Also return the K projection before k-norm and rotary,
+                ``[batch, pos, n_kv_heads, d_head]``.
+        """
+        block = self.model.blocks[layer]
+        if layer not in self._block_points:
+            self._block_points[layer] = hook_points(block)
+        if position_embeddings is None:
+            position_embeddings = self.position_embeddings(layer, residual, position_ids, chunks)
+        attn: Any = block.attn
+        pre: list[Tensor] = []
+
+        def projection(bridge: Any, record: bool) -> Any:
+            linear = bridge.original_component
+
+            def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+                if chunks is None:
+                    out = linear(x)
+                else:
+                    pieces = []
+                    for s, n in spans(chunks):
+                        piece = x.narrow(-2, s, n)
+                        if piece.data_ptr() % _ALIGN:
+                            piece = piece.clone()
+                        pieces.append(linear(piece))
+                    out = torch.cat(pieces, dim=-2)
+                if record:
+                    pre.append(out.unflatten(-1, (-1, self.model.cfg.d_head)))
+                return out
+
+            return forward
+
+        q_width = (
+            0 if self.spec.query_placeholder == "empty" else attn.q.original_component.out_features
+        )
+
+        def no_query(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            return x.new_zeros(()).expand(*x.shape[:-1], q_width)
+
+        with ExitStack() as stack:
+            stack.enter_context(muted(self._block_points[layer]))
+            norm = self._native_norm(block)
+            if norm is not None:
+                stack.enter_context(replaced_forward([norm], self._norm_forward(norm)))
+            stack.enter_context(replaced_forward([attn.q], no_query))
+            stack.enter_context(replaced_forward([attn.k], projection(attn.k, pre_rotary_keys)))
+            stack.enter_context(replaced_forward([attn.v], projection(attn.v, False)))
+            try:
+                block(
+                    residual,
+                    attention_mask=None,
+                    position_ids=position_ids,
+                    past_key_values=_CaptureCache(),
+                    use_cache=True,
+                    position_embeddings=position_embeddings,
+                    cache_position=position_ids[0],
+                )
+            except _Captured as got:
+                return got.keys, got.values, (pre[0] if pre else None)
+        raise RuntimeError(f"layer {layer} of {self.spec.family} finished without a cache write")
