@@ -28,8 +28,9 @@ Checkpoint modes:
   the evicted span is recomputed through the whole stack (a prefill of the evicted span).
 
 ``mode="exact"`` recomputes every original chunk with its original shape (the prompt as one
-chunk, each decoded token alone), so every step's logits are bitwise equal to full-cache
-decoding. ``mode="fast"`` recomputes the evicted span in one call; with
+chunk, each decoded token alone; inside one call per layer, see :mod:`residkit._recompute`),
+so every step's logits are bitwise equal to full-cache decoding. ``mode="fast"`` recomputes
+the evicted span as one chunk; with
 ``measure_deviation=True`` a shadow full cache runs alongside and the max |logit difference|
 is reported.
 """

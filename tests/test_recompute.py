@@ -1,0 +1,139 @@
+"""The K/V recompute engine: each of its economies leaves K and V bit-identical."""
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from residkit._recompute import KVProjector, spans
+from residkit.architectures import hf_config, spec_for
+
+PROMPT, DECODED = 30, 10
+CHUNKS = [PROMPT] + [1] * DECODED
+
+
+def _decode_and_capture(model) -> tuple[dict[int, torch.Tensor], DynamicCache]:
+    """Residuals entering every block, and the model's own cache, over a prompt + 10 steps."""
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 256, (1, PROMPT + DECODED))
+    store: dict[int, list[torch.Tensor]] = {}
+
+    def saver(layer: int) -> Any:
+        return lambda act, hook: store.setdefault(layer, []).append(act.clone())
+
+    hooks = [
+        (f"blocks.{layer}.hook_resid_pre", saver(layer)) for layer in range(model.cfg.n_layers)
+    ]
+    cache = DynamicCache(config=hf_config(model))
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        model(tokens[:, :PROMPT], past_key_values=cache)
+        for i in range(PROMPT, PROMPT + DECODED):
+            model(tokens[:, i : i + 1], past_key_values=cache)
+    return {layer: torch.cat(r, dim=1) for layer, r in store.items()}, cache
+
+
+def test_spans() -> None:
+    assert spans([3, 1, 2]) == [(0, 3), (3, 1), (4, 2)]
+
+
+def test_chunked_recompute_equals_the_models_cache(family: str, model_for) -> None:
+    """One call per layer, GEMMs per original chunk, norm and rotary batched: bitwise."""
+    model = model_for(family)
+    resid, cache = _decode_and_capture(model)
+    projector = KVProjector(model)
+    pos = torch.arange(PROMPT + DECODED).unsqueeze(0)
+    for layer in range(model.cfg.n_layers):
+        with torch.no_grad():
+            k, v, _ = projector(layer, resid[layer], pos, chunks=CHUNKS)
+        cached: Any = cache.layers[layer]
+        kept = cached.keys.shape[2]  # sliding layers keep a window
+        assert torch.equal(k[:, :, -kept:], cached.keys), f"layer {layer} keys"
+        assert torch.equal(v[:, :, -kept:], cached.values), f"layer {layer} values"
+        # Negative control: the next layer's weights on the same residual.
+        if layer + 1 < model.cfg.n_layers:
+            with torch.no_grad():
+                k_wrong, _, _ = projector(layer + 1, resid[layer], pos, chunks=CHUNKS)
+            assert not torch.equal(k_wrong[:, :, -kept:], cached.keys)
+
+
+def test_chunk_boundaries_matter_for_rotary_positions(model_for) -> None:
+    """Negative control: positions shifted by one break the keys of a rotary family."""
+    model = model_for("llama")
+    resid, cache = _decode_and_capture(model)
+    shifted = torch.arange(1, PROMPT + DECODED + 1).unsqueeze(0)
+    with torch.no_grad():
+        k, _, _ = KVProjector(model)(1, resid[1], shifted, chunks=CHUNKS)
+    assert not torch.equal(k, cache.layers[1].keys)
+
+
+def test_no_query_gemm_and_no_user_hooks(family: str, model_for, no_leaked_hooks) -> None:
+    """Q's projection never runs; a user's hooks on the layer never fire; nothing is left."""
+    model = model_for(family)
+    resid, _ = _decode_and_capture(model)
+    attn = model.blocks[1].attn
+    calls = {"q": 0, "user": 0}
+
+    def count_q(module: Any, args: Any, out: Any) -> None:
+        calls["q"] += 1
+
+    def user(act: torch.Tensor, hook: Any) -> None:
+        calls["user"] += 1
+
+    spec = spec_for(model)
+    handle = attn.q.original_component.register_forward_hook(count_q)
+    try:
+        with (
+            no_leaked_hooks(model),
+            model.hooks(
+                fwd_hooks=[
+                    ("blocks.1.hook_resid_pre", user),
+                    (spec.value_hook.format(layer=1), user),
+                    (spec.pre_rotary_key_hook.format(layer=1), user),
+                ]
+            ),
+            torch.no_grad(),
+        ):
+            KVProjector(model)(1, resid[1], torch.arange(PROMPT + DECODED).unsqueeze(0))
+    finally:
+        handle.remove()
+    assert calls == {"q": 0, "user": 0}
+
+
+def test_pre_rotary_keys_equal_hook_k(family: str, model_for) -> None:
+    model = model_for(family)
+    spec = spec_for(model)
+    tokens = torch.randint(0, 256, (1, 12))
+    store: dict[str, torch.Tensor] = {}
+
+    def save(name: str) -> Any:
+        def hook(act: torch.Tensor, hook: Any) -> None:
+            store[name] = act.clone()
+
+        return hook
+
+    with (
+        torch.no_grad(),
+        model.hooks(
+            fwd_hooks=[
+                ("blocks.2.hook_resid_pre", save("resid")),
+                (spec.pre_rotary_key_hook.format(layer=2), save("k")),
+            ]
+        ),
+    ):
+        model(tokens)
+    with torch.no_grad():
+        _, _, pre = KVProjector(model)(
+            2, store["resid"], torch.arange(12).unsqueeze(0), pre_rotary_keys=True
+        )
+    assert pre is not None
+    assert torch.equal(pre, store["k"])
+
+
+def test_an_error_mid_forward_leaves_nothing_behind(model_for, no_leaked_hooks) -> None:
+    """A residual of the wrong width fails inside the block; overrides are still removed."""
+    model = model_for("llama")
+    with no_leaked_hooks(model), pytest.raises(RuntimeError):
+        KVProjector(model)(1, torch.zeros(1, 2, 63), torch.arange(2).unsqueeze(0))
+    attn = model.blocks[1].attn
+    assert "forward" not in vars(attn.q) and "forward" not in vars(attn.k)
