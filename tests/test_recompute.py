@@ -90,6 +90,7 @@ def test_no_query_gemm_and_no_user_hooks(family: str, model_for, no_leaked_hooks
                     ("blocks.1.hook_resid_pre", user),
                     (spec.value_hook.format(layer=1), user),
                     (spec.pre_rotary_key_hook.format(layer=1), user),
+                    *([(spec.key_hook.format(layer=1), user)] if spec.key_hook else []),
                 ]
             ),
             torch.no_grad(),
