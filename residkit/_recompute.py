@@ -80,9 +80,10 @@ class KVProjector:
         >>> import residkit, torch
         >>> model = residkit.load("zoo:llama")
         >>> resid = residkit.capture_residuals(model, "abcd", layers=[2])[0]
-        >>> k, v, _ = KVProjector(model)(2, resid, torch.arange(4)[None])
-        >>> k.shape
-        torch.Size([1, 2, 4, 16])
+        >>> pos = torch.arange(resid.shape[1])[None]  # BOS + 4 bytes
+        >>> k, v, _ = KVProjector(model)(2, resid, pos)
+        >>> k.shape  # batch, n_kv_heads, pos, d_head
+        torch.Size([1, 2, 5, 16])
     """
 
     def __init__(self, model: TransformerBridge) -> None:
