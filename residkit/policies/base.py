@@ -23,7 +23,9 @@ class MemoryStats:
     Attributes:
         active_kv_bytes: K/V tensors attention reads directly (current and peak).
         checkpoint_bytes: Residual checkpoints (or token ids) kept instead of evicted K/V.
-        transient_bytes: Peak size of K/V recomputed for one forward and then freed.
+        transient_bytes: Peak bytes alive during one layer's recompute and then freed: the
+            recomputed K/V, the norm output of the recomputed rows, the rotary tables, and
+            the copy made when a step's checkpoints are merged (KV-Direct).
         tokens_evicted: Tokens whose K/V left the active cache.
         recompute_seconds: Wall time spent recomputing K/V from checkpoints.
         recomputed_tokens: Token-rows pushed through recomputation, summed over forwards and

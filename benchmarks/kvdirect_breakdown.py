@@ -1,0 +1,105 @@
+"""Where KV-Direct's recompute time goes, per global layer and step, measured in place.
+
+Runs KV-Direct on SmolLM2-135M's shape (random init, float32, a 512-token prompt) and times,
+inside every recompute call: the K and V projection GEMMs, the model's own attention-input
+norm, and the whole call. Then the same GEMMs alone in a hot loop on the same shapes, which is
+what the FLOP floor of ``benchmarks/kvdirect.py`` assumes.
+
+Run: ``python benchmarks/kvdirect_breakdown.py [--budget 32] [--mode fast] [--new 17]``.
+Timers wrap the modules with instance-level forwards for the duration of the run only.
+"""
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import residkit
+from residkit import KVDirect, zoo
+from residkit._hooks import replaced_forward
+from residkit._recompute import KVProjector
+
+
+def timed(fn: Callable[..., Any], bucket: dict[str, float], key: str) -> Callable[..., Any]:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        bucket[key] += time.perf_counter() - t0
+        return out
+
+    return forward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--budget", type=int, default=32)
+    parser.add_argument("--mode", default="fast", choices=["exact", "fast"])
+    parser.add_argument("--new", type=int, default=17)
+    args = parser.parse_args()
+
+    model = residkit.load(zoo.build("llama", config="smollm2-135m"))
+    torch.manual_seed(0)
+    prompt = torch.randint(0, model.original_model.config.vocab_size, (1, 512))
+    # Timers on the K/V projections and the norm also see the ordinary forwards; only what
+    # they accumulate inside a recompute call is kept.
+    t: dict[str, float] = {"gemm": 0.0, "norm": 0.0}
+    inside: dict[str, float] = {"gemm": 0.0, "norm": 0.0, "call": 0.0}
+    calls = 0
+    projector_call = KVProjector.__call__
+
+    def counted(self: KVProjector, *a: Any, **k: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        before = dict(t)
+        out = timed(projector_call, inside, "call")(self, *a, **k)
+        for key in ("gemm", "norm"):
+            inside[key] += t[key] - before[key]
+        return out
+
+    with ExitStack() as stack:
+        for block in model.blocks:
+            for lin in (block.attn.k.original_component, block.attn.v.original_component):
+                stack.enter_context(replaced_forward([lin], timed(lin.forward, t, "gemm")))
+            norm = block.ln1.original_component
+            stack.enter_context(replaced_forward([norm], timed(norm.forward, t, "norm")))
+        KVProjector.__call__ = counted  # type: ignore[method-assign]
+        try:
+            gen = residkit.generate(
+                model,
+                prompt,
+                max_new_tokens=args.new,
+                policy=KVDirect(args.budget, "layer", args.mode),
+                stop_at_eos=False,
+            )
+        finally:
+            KVProjector.__call__ = projector_call  # type: ignore[method-assign]
+    rows = gen.stats.recomputed_tokens / max(calls, 1)
+    per = {k: v / max(calls, 1) * 1e3 for k, v in inside.items()}
+
+    attn = model.blocks[3].attn
+    k, v = attn.k.original_component, attn.v.original_component
+    x = torch.randn(1, round(rows), model.cfg.d_model)
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(30):
+            t0 = time.perf_counter()
+            k(x), v(x)
+            best = min(best, time.perf_counter() - t0)
+    print(
+        f"KV-Direct {args.mode} B={args.budget}, {args.new} tokens: {calls} recompute calls, "
+        f"{rows:.0f} rows each on average"
+    )
+    print(f"  whole recompute call: {per['call']:.2f} ms")
+    print(f"  K+V GEMMs in place:   {per['gemm']:.2f} ms")
+    print(f"  attention-input norm: {per['norm']:.2f} ms")
+    print(f"  K+V GEMMs, hot loop on the same shape (best of 30): {best * 1e3:.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
