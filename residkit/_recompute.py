@@ -167,6 +167,11 @@ class KVProjector:
             pre_rotary_keys: Also return the K projection before k-norm and rotary,
                 ``[batch, pos, n_kv_heads, d_head]``.
         """
+        if chunks is not None and sum(chunks) != residual.shape[-2]:
+            raise ValueError(
+                f"chunks {list(chunks)} sum to {sum(chunks)} but the residual has "
+                f"{residual.shape[-2]} positions"
+            )
         block = self.model.blocks[layer]
         if layer not in self._block_points:
             self._block_points[layer] = hook_points(block)

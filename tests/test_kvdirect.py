@@ -230,3 +230,24 @@ def test_chat_bad_input(text: str, n: int, message: str, model_for, no_leaked_ho
     chat = Chat(model, KVDirect(4))
     with no_leaked_hooks(model), pytest.raises(ValueError, match=message):
         chat.send(text, max_new_tokens=n)
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_recomputed_tokens_count_what_each_mode_must_compute(mode: str, model_for) -> None:
+    """The benchmark's FLOP floor rests on this count: 10-token prompt, budget 4, 5 tokens.
+
+    Before steps 1-4 the cache holds 10..13 tokens, so 6..9 are evicted. Fast mode recomputes
+    exactly those (30 rows a layer); exact mode recomputes the whole 10-token prompt chunk that
+    holds them (40 rows a layer). No decoded token is evicted yet.
+    """
+    model = model_for("llama")
+    gen = generate_kvdirect(
+        model,
+        torch.arange(10).unsqueeze(0),
+        max_new_tokens=5,
+        budget=4,
+        mode=mode,
+        stop_at_eos=False,
+    )
+    per_layer = {"fast": 6 + 7 + 8 + 9, "exact": 4 * 10}[mode]
+    assert gen.stats.recomputed_tokens == per_layer * model.cfg.n_layers

@@ -138,3 +138,12 @@ def test_an_error_mid_forward_leaves_nothing_behind(model_for, no_leaked_hooks) 
         KVProjector(model)(1, torch.zeros(1, 2, 63), torch.arange(2).unsqueeze(0))
     attn = model.blocks[1].attn
     assert "forward" not in vars(attn.q) and "forward" not in vars(attn.k)
+
+
+def test_chunks_must_cover_the_residual(model_for, no_leaked_hooks) -> None:
+    model = model_for("llama")
+    with (
+        no_leaked_hooks(model),
+        pytest.raises(ValueError, match=r"sum to 3 but the residual has 4"),
+    ):
+        KVProjector(model)(1, torch.zeros(1, 4, 64), torch.arange(4).unsqueeze(0), chunks=[2, 1])
