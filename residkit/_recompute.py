@@ -11,6 +11,11 @@ against the model's own cache, with negative controls):
   rotary runs. K and V never read Q in any supported family.
 - **Hook points muted from a list** built once per layer, not a module walk per call. User
   hooks still never fire during recomputation.
+- **The attention bridge, not the block.** The family's attention-input norm (``ArchSpec``'s
+  ``attn_norm_path``) and then the block's attention bridge are called directly, skipping the
+  decoder layer and block wrappers (about 0.5 ms a call on SmolLM2's shape). K and V still come
+  out of TransformerLens's own attention code. With ``use_split_qkv_input`` or ``use_attn_in``
+  on, the block runs whole, since it is the block that hands attention the pre-norm residual.
 - **GEMM shapes on request.** With ``chunks``, the K and V projections run once per original
   chunk, which is what bitwise equality on CPU needs (a float32 GEMM row depends on the row
   count M; ``docs/gemm_shapes.md``). The row-wise norm and element-wise rotary run once over
@@ -36,6 +41,8 @@ __all__ = ["KVProjector", "spans"]
 # PyTorch's CPU allocator aligns to 64 bytes; a GEMM input that is a view at another alignment
 # may take a different kernel path, so such views are copied first.
 _ALIGN = 64
+# TransformerLens settings under which attention reads the pre-norm residual the block captures.
+_BLOCK_FLAGS = ("use_split_qkv_input", "use_attn_in")
 
 
 class _Captured(Exception):
@@ -128,12 +135,16 @@ class KVProjector:
         recompute calls the HF module directly and skips the observers' copy of the norm.
         A bridge that computes its own output (GPT-2's LayerNorm here) is left alone.
         """
-        path = self.spec.attn_norm_path
-        norm = operator.attrgetter(path)(block.original_component) if path else None
+        norm = self._norm(block)
         native = getattr(norm, "use_native_layernorm_autograd", False) or getattr(
             getattr(norm, "config", None), "layer_norm_folding", False
         )
         return norm if native else None
+
+    def _norm(self, block: Any) -> Any:
+        """The norm feeding the block's Q/K/V (a bridge module), or None (OLMo 2: none)."""
+        path = self.spec.attn_norm_path
+        return operator.attrgetter(path)(block.original_component) if path else None
 
     @staticmethod
     def _norm_forward(norm: Any) -> Any:
@@ -144,6 +155,34 @@ class KVProjector:
             return out if out.dtype == x.dtype else out.to(x.dtype)
 
         return forward
+
+    def _per_chunk(
+        self,
+        layer: int,
+        residual: Tensor,
+        position_ids: Tensor,
+        chunks: Sequence[int],
+        position_embeddings: Any,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One whole-block call per chunk: split-QKV attention projects per head with the
+        weights themselves (an einsum, not the projection modules), so only the original
+        chunk shapes keep its K/V bitwise."""
+        keys, values = [], []
+        for s, n in spans(chunks):
+            rotary = (
+                None
+                if position_embeddings is None
+                else tuple(t.narrow(-2, s, n) for t in position_embeddings)
+            )
+            k, v, _ = self(
+                layer,
+                residual.narrow(-2, s, n),
+                position_ids.narrow(-1, s, n),
+                position_embeddings=rotary,
+            )
+            keys.append(k)
+            values.append(v)
+        return torch.cat(keys, dim=-2), torch.cat(values, dim=-2), None
 
     def __call__(
         self,
@@ -172,6 +211,14 @@ class KVProjector:
                 f"chunks {list(chunks)} sum to {sum(chunks)} but the residual has "
                 f"{residual.shape[-2]} positions"
             )
+        whole_block = any(getattr(self.model.cfg, flag, False) for flag in _BLOCK_FLAGS)
+        if whole_block and pre_rotary_keys:
+            raise ValueError(
+                "pre_rotary_keys is unavailable with use_split_qkv_input or use_attn_in: "
+                "attention then projects K per head without the K projection module"
+            )
+        if whole_block and chunks is not None and len(chunks) > 1:
+            return self._per_chunk(layer, residual, position_ids, chunks, position_embeddings)
         block = self.model.blocks[layer]
         if layer not in self._block_points:
             self._block_points[layer] = hook_points(block)
@@ -215,16 +262,25 @@ class KVProjector:
             stack.enter_context(replaced_forward([attn.q], no_query))
             stack.enter_context(replaced_forward([attn.k], projection(attn.k, pre_rotary_keys)))
             stack.enter_context(replaced_forward([attn.v], projection(attn.v, False)))
+            kwargs = dict(
+                attention_mask=None,
+                position_ids=position_ids,
+                past_key_values=_CaptureCache(),
+                use_cache=True,
+                position_embeddings=position_embeddings,
+                cache_position=position_ids[0],
+            )
             try:
-                block(
-                    residual,
-                    attention_mask=None,
-                    position_ids=position_ids,
-                    past_key_values=_CaptureCache(),
-                    use_cache=True,
-                    position_embeddings=position_embeddings,
-                    cache_position=position_ids[0],
-                )
+                if whole_block:
+                    block(residual, **kwargs)
+                else:
+                    norm = self._norm(block)
+                    attn(hidden_states=norm(residual) if norm is not None else residual, **kwargs)
             except _Captured as got:
                 return got.keys, got.values, (pre[0] if pre else None)
+            finally:
+                # The norm's pre-hook (wired by the block) may have handed attention our
+                # residual; the block clears it after its forward, and so do we.
+                if hasattr(attn, "_captured_pre_ln_residual"):
+                    attn._captured_pre_ln_residual = None
         raise RuntimeError(f"layer {layer} of {self.spec.family} finished without a cache write")

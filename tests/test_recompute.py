@@ -147,3 +147,39 @@ def test_chunks_must_cover_the_residual(model_for, no_leaked_hooks) -> None:
         pytest.raises(ValueError, match=r"sum to 3 but the residual has 4"),
     ):
         KVProjector(model)(1, torch.zeros(1, 4, 64), torch.arange(4).unsqueeze(0), chunks=[2, 1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("setting", ["set_use_split_qkv_input", "set_use_attn_in"])
+def test_split_qkv_settings_stay_bitwise(family: str, setting: str, monkeypatch) -> None:
+    """Under split-QKV input, attention projects per head with an einsum on the weights, so the
+    projector runs the whole block once per original chunk; without that, K/V differ."""
+    import residkit
+    import residkit._recompute as recompute
+    from residkit import zoo
+
+    model = residkit.load(zoo.build(family, size="tiny"))  # own copy: the setting mutates it
+    getattr(model, setting)(True)
+    resid, cache = _decode_and_capture(model)
+    pos = torch.arange(PROMPT + DECODED).unsqueeze(0)
+    with torch.no_grad():
+        k, v, _ = KVProjector(model)(1, resid[1], pos, chunks=CHUNKS)
+    assert torch.equal(k, cache.layers[1].keys) and torch.equal(v, cache.layers[1].values)
+    with pytest.raises(ValueError, match="pre_rotary_keys is unavailable"):
+        KVProjector(model)(1, resid[1], pos, pre_rotary_keys=True)
+    # Negative control: treat the setting as absent (attention alone, one call for all chunks).
+    monkeypatch.setattr(recompute, "_BLOCK_FLAGS", ())
+    with torch.no_grad():
+        k_wrong, _, _ = KVProjector(model)(1, resid[1], pos, chunks=CHUNKS)
+    assert not torch.equal(k_wrong, cache.layers[1].keys)
+
+
+def test_no_residual_is_left_with_attention(family: str, model_for) -> None:
+    """The norm's pre-hook hands attention the residual; the projector clears it, as the block
+    does, so no recompute input outlives the call."""
+    model = model_for(family)
+    resid, _ = _decode_and_capture(model)
+    pos = torch.arange(PROMPT + DECODED).unsqueeze(0)
+    with torch.no_grad():
+        KVProjector(model)(1, resid[1], pos)
+    assert getattr(model.blocks[1].attn, "_captured_pre_ln_residual", None) is None
