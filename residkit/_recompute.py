@@ -1,11 +1,12 @@
 """The one place residkit turns residuals back into K and V (reconstruction and KV-Direct).
 
-Block ``l`` of the bridge runs on the residual with a ``transformers.Cache`` whose ``update()``
-raises with ``(k, v)``: whatever the family does before its cache write (norm, biases,
-QK-norm, partial or per-layer-type rotary) is done by the family's own code, and attention
-scores and the MLP are never computed. Three economies keep that cheap enough to run at every
-decoding step, and none changes a bit of K or V (``tests/test_recompute.py`` checks each
-against the model's own cache, with negative controls):
+Block ``l``'s attention-input norm and attention bridge run on the residual with a
+``transformers.Cache`` whose ``update()`` raises with ``(k, v)``: whatever the family does
+before its cache write (norm, biases, QK-norm, partial or per-layer-type rotary) is done by the
+family's own code, and attention scores and the MLP are never computed. Four economies keep
+that cheap enough to run at every decoding step, and none changes a bit of K or V
+(``tests/test_recompute.py`` checks each against the model's own cache, with negative
+controls):
 
 - **No Q.** The query projection returns a tensor with zero heads, so neither its GEMM nor its
   rotary runs. K and V never read Q in any supported family.
@@ -13,7 +14,8 @@ against the model's own cache, with negative controls):
   hooks still never fire during recomputation.
 - **The attention bridge, not the block.** The family's attention-input norm (``ArchSpec``'s
   ``attn_norm_path``) and then the block's attention bridge are called directly, skipping the
-  decoder layer and block wrappers (about 0.5 ms a call on SmolLM2's shape). K and V still come
+  decoder layer and block wrappers (0.1-0.4 ms a call on SmolLM2's shape in a hot loop,
+  ``benchmarks/kvdirect_breakdown.py``). K and V still come
   out of TransformerLens's own attention code. With ``use_split_qkv_input`` or ``use_attn_in``
   on, the block runs whole, since it is the block that hands attention the pre-norm residual.
 - **GEMM shapes on request.** With ``chunks``, the K and V projections run once per original
@@ -156,6 +158,10 @@ class KVProjector:
 
         return forward
 
+    def _needs_block(self) -> bool:
+        """Whether attention reads the pre-norm residual only the block hands it."""
+        return any(getattr(self.model.cfg, flag, False) for flag in _BLOCK_FLAGS)
+
     def _per_chunk(
         self,
         layer: int,
@@ -211,7 +217,7 @@ class KVProjector:
                 f"chunks {list(chunks)} sum to {sum(chunks)} but the residual has "
                 f"{residual.shape[-2]} positions"
             )
-        whole_block = any(getattr(self.model.cfg, flag, False) for flag in _BLOCK_FLAGS)
+        whole_block = self._needs_block()
         if whole_block and pre_rotary_keys:
             raise ValueError(
                 "pre_rotary_keys is unavailable with use_split_qkv_input or use_attn_in: "
