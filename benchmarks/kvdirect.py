@@ -38,7 +38,8 @@ Each KV-Direct run (layer checkpoints) is repeated ``--repeats`` times, each tim
 before it; the table shows the run with the median whole-run ratio and the summary the range.
 
 Run: ``python benchmarks/kvdirect.py [--prompt 512] [--new 64] [--budgets 32 128 512]
-[--repeats 3] [--token-budgets 128]``.
+[--repeats 3] [--token-budgets 128] [--skip-nocache] [--tiny]``. ``--tiny`` is a smoke run on
+the zoo's tiny llama (``tests/test_benchmarks.py``); its numbers mean nothing.
 Not a test: it prints a table in the markdown of ``benchmarks/RESULTS.md``.
 """
 
@@ -144,9 +145,14 @@ def main() -> None:
         "evicted span through the whole stack, so these are slow)",
     )
     parser.add_argument("--skip-nocache", action="store_true", help="skip the slow NoCache run")
+    parser.add_argument(
+        "--tiny", action="store_true", help="the zoo's tiny llama: a smoke run, numbers meaningless"
+    )
     args = parser.parse_args()
 
-    model = residkit.load(zoo.build("llama", config="smollm2-135m"))
+    model = residkit.load(
+        zoo.build("llama", size="tiny") if args.tiny else zoo.build("llama", config="smollm2-135m")
+    )
     hf_cfg, cfg = model.original_model.config, model.cfg
     torch.manual_seed(0)
     prompt = torch.randint(0, hf_cfg.vocab_size, (1, args.prompt))
@@ -208,7 +214,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads; load average before {load_before}, "
         f"after {os.getloadavg()}"
     )
-    print(f"model: SmolLM2-135M shape, random init, float32; prompt {args.prompt}, new {args.new}")
+    shape = "the zoo's tiny llama" if args.tiny else "SmolLM2-135M shape"
+    print(f"model: {shape}, random init, float32; prompt {args.prompt}, new {args.new}")
     print(
         f"K+V projection throughput at M=512 (best of 30, measured {len(peaks)} times): "
         f"best {peak / 1e9:.1f} GFLOP/s, lowest {min(peaks) / 1e9:.1f}"

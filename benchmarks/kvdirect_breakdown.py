@@ -5,7 +5,9 @@ inside every recompute call: the K and V projection GEMMs, the model's own atten
 norm, and the whole call. Then the same GEMMs alone in a hot loop on the same shapes, which is
 what the FLOP floor of ``benchmarks/kvdirect.py`` assumes.
 
-Run: ``python benchmarks/kvdirect_breakdown.py [--budget 32] [--mode fast] [--new 17]``.
+Run: ``python benchmarks/kvdirect_breakdown.py [--budget 32] [--mode fast] [--new 17]
+[--prompt 512] [--tiny]`` (``--tiny``: the zoo's tiny llama, a smoke run that
+``tests/test_benchmarks.py`` makes).
 Timers wrap the modules with instance-level forwards for the duration of the run only.
 """
 
@@ -43,11 +45,17 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=32)
     parser.add_argument("--mode", default="fast", choices=["exact", "fast"])
     parser.add_argument("--new", type=int, default=17)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument(
+        "--tiny", action="store_true", help="the zoo's tiny llama: a smoke run, numbers meaningless"
+    )
     args = parser.parse_args()
 
-    model = residkit.load(zoo.build("llama", config="smollm2-135m"))
+    model = residkit.load(
+        zoo.build("llama", size="tiny") if args.tiny else zoo.build("llama", config="smollm2-135m")
+    )
     torch.manual_seed(0)
-    prompt = torch.randint(0, model.original_model.config.vocab_size, (1, 512))
+    prompt = torch.randint(0, model.original_model.config.vocab_size, (1, args.prompt))
     # Timers on the K/V projections and the norm also see the ordinary forwards; only what
     # they accumulate inside a recompute call is kept.
     t: dict[str, float] = {"gemm": 0.0, "norm": 0.0}
