@@ -104,7 +104,8 @@ class KVProjector:
             operator.attrgetter(path)(model.original_model) if path else None
         )
         self._rotary_points = hook_points(self.rotary)
-        self._block_points: dict[int, list[HookPoint]] = {}
+        # Per (layer, whole block?): the hook points a recompute passes through.
+        self._points: dict[tuple[int, bool], list[HookPoint]] = {}
 
     def position_embeddings(
         self, layer: int, like: Tensor, position_ids: Tensor, chunks: Sequence[int] | None = None
@@ -226,8 +227,14 @@ class KVProjector:
         if whole_block and chunks is not None and len(chunks) > 1:
             return self._per_chunk(layer, residual, position_ids, chunks, position_embeddings)
         block = self.model.blocks[layer]
-        if layer not in self._block_points:
-            self._block_points[layer] = hook_points(block)
+        if (layer, whole_block) not in self._points:
+            # The attention lane passes only through the norm and attention, so the block's own
+            # points (``hook_resid_pre`` among them) stay live for a forward running elsewhere.
+            self._points[layer, whole_block] = (
+                hook_points(block)
+                if whole_block
+                else hook_points(self._norm(block)) + hook_points(block.attn)
+            )
         if position_embeddings is None:
             position_embeddings = self.position_embeddings(layer, residual, position_ids, chunks)
         attn: Any = block.attn
@@ -261,7 +268,7 @@ class KVProjector:
             return x.new_zeros(()).expand(*x.shape[:-1], q_width)
 
         with ExitStack() as stack:
-            stack.enter_context(muted(self._block_points[layer]))
+            stack.enter_context(muted(self._points[layer, whole_block]))
             norm = self._native_norm(block)
             if norm is not None:
                 stack.enter_context(replaced_forward([norm], self._norm_forward(norm)))

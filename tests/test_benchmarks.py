@@ -63,3 +63,11 @@ def test_spectra_benchmark_runs() -> None:
     )
     line = next(x for x in out.splitlines() if "agreement on the 1 sampled heads" in x)
     assert float(line.split("= ")[1].split()[0]) < 1e-10, line
+
+
+def test_overlap_benchmark_runs() -> None:
+    out = _run(
+        "kvdirect_overlap.py",
+        *("--tiny", "--steps", "3", "--rows", "8", "--prompt", "16", "--repeats", "1"),
+    )
+    assert "share of the recompute hidden by running it concurrently" in out
