@@ -13,8 +13,10 @@ machine at hand, with the model's own HF modules (no residkit code in either pat
 ``hidden`` is the share of the recompute's time that the concurrent run saves over running the
 two one after the other: 1.0 would be the paper's no-penalty case, 0 no overlap at all.
 
-Run: ``python benchmarks/kvdirect_overlap.py [--steps 16] [--rows 480] [--repeats 6] [--tiny]
-[--integrated]`` (``--integrated``: also KV-Direct itself with ``overlap=True``).
+Run: ``python benchmarks/kvdirect_overlap.py [--steps 16] [--rows 480] [--repeats 6] [--tiny]``.
+Commit c265e32 also had ``KVDirect(overlap=True)``, a worker thread recomputing one layer
+ahead of the forward, and ``--integrated`` to time it (``benchmarks/RESULTS.md``); it was
+removed because it did not make decoding faster here.
 Not a test; ``--tiny`` is a smoke run (``tests/test_benchmarks.py``).
 """
 
@@ -44,11 +46,6 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--tiny", action="store_true", help="the zoo's tiny llama (smoke run)")
-    parser.add_argument(
-        "--integrated",
-        action="store_true",
-        help="also time KVDirect(32, overlap=True) against KVDirect(32) and FullCache",
-    )
     args = parser.parse_args()
 
     model = residkit.load(
@@ -119,42 +116,6 @@ def main() -> None:
         f"{statistics.median(r[3] for r in results):.2f} "
         f"(range {min(r[3] for r in results):.2f}-{max(r[3] for r in results):.2f})"
     )
-
-    if args.integrated:
-        integrated(model, prompt, args.steps + 8)
-
-
-def integrated(model: Any, prompt: torch.Tensor, new: int) -> None:
-    """KV-Direct at B=32 with and without its worker thread, each after a FullCache run."""
-    from residkit import KVDirect
-    from residkit.policies import FullCache
-
-    def run(policy: Any) -> tuple[Any, float]:
-        t0 = time.perf_counter()
-        gen = residkit.generate(
-            model, prompt, max_new_tokens=new, policy=policy, stop_at_eos=False, return_logits=True
-        )
-        return gen, time.perf_counter() - t0
-
-    full, _ = run(FullCache())
-    print(f"\nintegrated: {new} new tokens, B=32")
-    print(
-        "\n| mode | FullCache s | KV-Direct s | overlap=True s | worker busy s | forward waited s "
-        "| overlap bitwise |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for _ in range(2):
-        for mode in ("exact", "fast"):
-            _, full_s = run(FullCache())
-            sync, sync_s = run(KVDirect(32, "layer", mode))
-            ahead, ahead_s = run(KVDirect(32, "layer", mode, overlap=True))
-            same = torch.equal(ahead.logits, full.logits if mode == "exact" else sync.logits)
-            print(
-                f"| {mode} | {full_s:.2f} | {sync_s:.2f} | {ahead_s:.2f} "
-                f"| {ahead.stats.recompute_seconds:.2f} | {ahead.stats.recompute_wait_seconds:.2f} "
-                f"| {same} |",
-                flush=True,
-            )
 
 
 if __name__ == "__main__":

@@ -71,19 +71,13 @@ def test_user_hooks_fire_as_under_full_cache(model_for, no_leaked_hooks) -> None
     """Recompute runs the model's own layers; a user's hook must not see those runs."""
     model = model_for("llama")
     counts = {}
-    policies = [
-        ("full", "full"),
-        ("layer", KVDirect(2)),
-        ("token", KVDirect(2, "token")),
-        ("overlap", KVDirect(2, overlap=True)),
-    ]
-    for name, policy in policies:
+    for name, policy in [("full", "full"), ("layer", KVDirect(2)), ("token", KVDirect(2, "token"))]:
         fired: list[int] = []
         hook = ("blocks.1.attn.hook_k", lambda act, hook, fired=fired: fired.append(act.shape[1]))
         with no_leaked_hooks(model), model.hooks(fwd_hooks=[hook]):
             generate(model, PROMPT, max_new_tokens=6, policy=policy, stop_at_eos=False)
         counts[name] = fired
-    assert counts["layer"] == counts["full"] == counts["token"] == counts["overlap"]
+    assert counts["layer"] == counts["full"] == counts["token"]
 
 
 @pytest.mark.parametrize(
@@ -194,7 +188,6 @@ def test_chat_keeps_state_with_bounded_memory(model_for, no_leaked_hooks) -> Non
         (lambda: KVDirect(-1), "budget must be a non-negative int, got -1"),
         (lambda: KVDirect(4, checkpoint="stride"), "unknown checkpoint 'stride'"),
         (lambda: KVDirect(4, mode="approx"), "unknown mode 'approx'"),
-        (lambda: KVDirect(4, "token", overlap=True), "overlap=True needs checkpoint='layer'"),
     ],
 )
 def test_bad_policy(make, message) -> None:
@@ -258,91 +251,3 @@ def test_recomputed_tokens_count_what_each_mode_must_compute(mode: str, model_fo
     )
     per_layer = {"fast": 6 + 7 + 8 + 9, "exact": 4 * 10}[mode]
     assert gen.stats.recomputed_tokens == per_layer * model.cfg.n_layers
-
-
-@pytest.mark.parametrize("mode", ["exact", "fast"])
-def test_overlap_gives_the_same_bits(family: str, mode: str, model_for, no_leaked_hooks) -> None:
-    """Recomputing in a worker thread, one layer ahead, changes no bit of any step's logits."""
-    model = model_for(family)
-    prompt, full = _prompt(model), _full(model)
-    with no_leaked_hooks(model):
-        ahead = residkit.generate(
-            model,
-            prompt,
-            max_new_tokens=N_NEW,
-            policy=KVDirect(4, "layer", mode, overlap=True),
-            return_logits=True,
-            stop_at_eos=False,
-        )
-        same = residkit.generate(
-            model,
-            prompt,
-            max_new_tokens=N_NEW,
-            policy=KVDirect(4, "layer", mode),
-            return_logits=True,
-            stop_at_eos=False,
-        )
-    assert torch.equal(ahead.tokens, full.tokens)
-    assert torch.equal(ahead.logits, same.logits)
-    if mode == "exact":
-        assert torch.equal(ahead.logits, full.logits)
-    assert ahead.stats.recomputed_tokens == same.stats.recomputed_tokens
-    # At most two layers' recomputed K/V alive, against one without overlap.
-    assert same.stats.peak_transient_bytes <= ahead.stats.peak_transient_bytes
-    assert ahead.stats.peak_transient_bytes <= 2 * same.stats.peak_transient_bytes
-
-
-def _left_overrides(model) -> list[str]:
-    """Modules still carrying an instance-level forward (a recompute's override)."""
-    return [name for name, m in model.named_modules() if "forward" in m.__dict__]
-
-
-def test_overlap_worker_error_reaches_the_caller(model_for, no_leaked_hooks, monkeypatch) -> None:
-    """An error in the worker thread is raised in the caller's, and leaves nothing behind."""
-    from residkit._recompute import KVProjector
-
-    model = model_for("llama")
-    call = KVProjector.__call__
-
-    def failing(self, layer: int, *args, **kwargs):
-        if layer == 1:
-            raise ValueError("boom in layer 1")
-        return call(self, layer, *args, **kwargs)
-
-    monkeypatch.setattr(KVProjector, "__call__", failing)
-    with no_leaked_hooks(model), pytest.raises(RuntimeError, match="layer 1") as info:
-        generate(model, PROMPT, max_new_tokens=4, policy=KVDirect(2, overlap=True))
-    assert isinstance(info.value.__cause__, ValueError)
-    monkeypatch.undo()
-    assert _left_overrides(model) == []
-    # And the model is as it was: the next overlapped run is bitwise full cache.
-    full = generate(model, PROMPT, max_new_tokens=4, return_logits=True, stop_at_eos=False)
-    again = generate(
-        model,
-        PROMPT,
-        max_new_tokens=4,
-        policy=KVDirect(2, overlap=True),
-        return_logits=True,
-        stop_at_eos=False,
-    )
-    assert torch.equal(again.logits, full.logits)
-
-
-def test_overlap_stops_the_worker_when_the_forward_raises(model_for, no_leaked_hooks) -> None:
-    """A user's hook raising mid-forward stops and joins the worker; no override is left."""
-    import threading
-
-    model = model_for("llama")
-
-    def boom(act, hook):
-        if act.shape[1] == 1:  # a decoding step: the prompt is evicted, the worker is running
-            raise KeyError("user hook")
-
-    with (
-        no_leaked_hooks(model),
-        model.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", boom)]),
-        pytest.raises(KeyError),
-    ):
-        generate(model, PROMPT, max_new_tokens=4, policy=KVDirect(0, overlap=True))
-    assert _left_overrides(model) == []
-    assert not any(t.name == "residkit-kvdirect" for t in threading.enumerate())

@@ -27,10 +27,7 @@ class MemoryStats:
             recomputed K/V, the norm output of the recomputed rows, the rotary tables, and
             the copy made when a step's checkpoints are merged (KV-Direct).
         tokens_evicted: Tokens whose K/V left the active cache.
-        recompute_seconds: Wall time spent recomputing K/V from checkpoints (with
-            ``KVDirect(overlap=True)``, the worker thread's busy time).
-        recompute_wait_seconds: With ``overlap=True``, time the forward spent waiting for the
-            worker: the part of the recompute that overlapping did not hide.
+        recompute_seconds: Wall time spent recomputing K/V from checkpoints.
         recomputed_tokens: Token-rows pushed through recomputation, summed over forwards and
             layers (layer checkpoints: rows through one layer's K/V projections; token
             checkpoints: rows through a whole forward). Sets the recompute's FLOP count.
@@ -44,7 +41,6 @@ class MemoryStats:
     peak_transient_bytes: int = 0
     tokens_evicted: int = 0
     recompute_seconds: float = 0.0
-    recompute_wait_seconds: float = 0.0
     recomputed_tokens: int = 0
     per_step: list[tuple[int, int]] = field(default_factory=list)
 

@@ -35,7 +35,6 @@ the evicted span as one chunk; with
 is reported.
 """
 
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -132,8 +131,6 @@ class _KVDirectSession(CacheSession):
         self.projector = KVProjector(model)
         self._rotary: dict[str, tuple[Tensor, Any]] = {}  # per layer type, for one forward
         self._transient = 0
-        self._plan: tuple[list[int] | None, int, Tensor] | None = None  # sizes, rows, positions
-        self._ahead: _Ahead | None = None
         self.shadow = DynamicCache(config=cfg) if policy.measure_deviation else None
         self.max_logit_deviation: float | None = 0.0 if policy.measure_deviation else None
 
@@ -151,10 +148,13 @@ class _KVDirectSession(CacheSession):
             parts[:] = [torch.cat(parts, dim=1)]
         return parts[0]
 
-    def _prepare(self) -> None:
-        """What every layer's recompute shares in one forward (in the forward's thread): the
-        GEMM shapes, the positions and the rotary tables, which run the shared rotary module."""
+    def _recompute_layer(self, layer: int) -> None:
+        """K/V of tokens [0, evicted) at ``layer`` from residual checkpoints (layer mode)."""
+        if self.evicted == 0:
+            return
         t0 = time.perf_counter()
+        merging = len(self.resid[layer]) > 1
+        rows = self._checkpoints(layer)
         if self.policy.mode == "exact":
             # Whole original chunks: their GEMM shapes are what makes the K/V bitwise.
             sizes: list[int] | None = [
@@ -163,29 +163,11 @@ class _KVDirectSession(CacheSession):
             n = sum(sizes or [])
         else:
             sizes, n = None, self.evicted
-        like = self.resid[self.global_layers[0]][0]
-        pos = torch.arange(n, device=like.device).unsqueeze(0)
-        for layer in self.global_layers:
-            kind = self.spec.layer_type(self.projector.config, layer)
-            if kind not in self._rotary:
-                self._rotary[kind] = (
-                    pos,
-                    self.projector.position_embeddings(layer, like, pos, sizes),
-                )
-        self._plan = (sizes, n, pos)
-        self.memory.recompute_seconds += time.perf_counter() - t0
-
-    def _recompute_layer(self, layer: int) -> int:
-        """K/V of tokens [0, evicted) at ``layer`` from residual checkpoints (layer mode).
-
-        Returns the bytes alive while it ran (see ``MemoryStats.transient_bytes``).
-        """
-        assert self._plan is not None
-        t0 = time.perf_counter()
-        sizes, n, pos = self._plan
-        merging = len(self.resid[layer]) > 1
-        rows = self._checkpoints(layer)
-        _, rotary = self._rotary[self.spec.layer_type(self.projector.config, layer)]
+        kind = self.spec.layer_type(self.projector.config, layer)
+        if kind not in self._rotary:
+            pos = torch.arange(n, device=rows.device).unsqueeze(0)
+            self._rotary[kind] = (pos, self.projector.position_embeddings(layer, rows, pos, sizes))
+        pos, rotary = self._rotary[kind]
         k, v, _ = self.projector(layer, rows[:, :n], pos, chunks=sizes, position_embeddings=rotary)
         self._recomputed[layer] = (k[:, :, : self.evicted], v[:, :, : self.evicted])
         self.memory.recomputed_tokens += n
@@ -193,8 +175,10 @@ class _KVDirectSession(CacheSession):
         # rotary tables, and the merged checkpoint copy when the merge happened.
         merged = _nbytes(rows) if merging else 0
         tables = _nbytes(*rotary) if rotary is not None else 0
+        self._transient = max(
+            self._transient, _nbytes(k, v) + _nbytes(rows[:, :n]) + tables + merged
+        )
         self.memory.recompute_seconds += time.perf_counter() - t0
-        return _nbytes(k, v) + _nbytes(rows[:, :n]) + tables + merged
 
     def _replay_evicted(self) -> None:
         """K/V of tokens [0, evicted) at every global layer, replayed from token ids (token mode)."""
@@ -227,10 +211,7 @@ class _KVDirectSession(CacheSession):
 
             def at_layer(act: Tensor, hook: object, layer: int = layer) -> None:
                 if self.policy.checkpoint == "layer":
-                    if self._ahead is not None:
-                        self._ahead.reached(layer)
-                    elif self.evicted:
-                        self._transient = max(self._transient, self._recompute_layer(layer))
+                    self._recompute_layer(layer)
                     self.resid[layer].append(act.detach().clone())
 
             hooks.append((self.spec.resid_pre_hook.format(layer=layer), at_layer))
@@ -239,21 +220,10 @@ class _KVDirectSession(CacheSession):
     def _forward(self, ids: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
         if self.policy.checkpoint == "token":
             self._replay_evicted()
-        elif self.evicted:
-            self._prepare()
-            if self.policy.overlap and not self.projector._needs_block():
-                self._ahead = _Ahead(self)
-        try:
-            with temporary_hooks(self.model, self._hooks()):
-                logits = self.model(ids, past_key_values=self.cache)[:, -1]
-        finally:
-            if self._ahead is not None:
-                self._ahead.close()
-                self._transient = max(self._transient, self._ahead.peak_bytes)
-                self._ahead = None
-            self._recomputed.clear()
-            self._rotary.clear()
-            self._plan = None
+        with temporary_hooks(self.model, self._hooks()):
+            logits = self.model(ids, past_key_values=self.cache)[:, -1]
+        self._recomputed.clear()
+        self._rotary.clear()
         self.chunks.append((self.total, ids))
         self.total += ids.shape[1]
         self.evicted = max(self.evicted, self.total - self.policy.budget)
@@ -283,73 +253,6 @@ class _KVDirectSession(CacheSession):
         return self._forward(tokens)
 
 
-class _Ahead:
-    """Recomputes the global layers' K/V in a worker thread while the forward runs.
-
-    The worker takes the layers in order and runs at most one layer ahead of the forward: it
-    needs a slot per layer, and the forward frees a layer's slot when it reaches the next
-    global layer (by then attention is done with that layer's recomputed K/V). So at most two
-    layers' recomputed K/V are alive, against one without overlap. The worker touches only the
-    norm and attention of the layer it recomputes, which the forward has not reached yet: the
-    forward waits at that layer's ``hook_resid_pre`` until the worker is done with it.
-    """
-
-    def __init__(self, session: _KVDirectSession) -> None:
-        self.session = session
-        self.done = {layer: threading.Event() for layer in session.global_layers}
-        self.slots = threading.Semaphore(2)
-        self.error: BaseException | None = None
-        self.layer: int | None = None  # the layer the worker is on (or failed on)
-        self.stop = False
-        self.held: dict[int, int] = {}  # layer -> bytes alive for its recomputed K/V
-        self.peak_bytes = 0
-        self.previous: int | None = None
-        self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._run, name="residkit-kvdirect", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            with torch.no_grad():  # grad mode is per thread
-                for layer in self.session.global_layers:
-                    self.slots.acquire()
-                    if self.stop:
-                        return
-                    self.layer = layer
-                    nbytes = self.session._recompute_layer(layer)
-                    with self.lock:
-                        self.held[layer] = nbytes
-                        self.peak_bytes = max(self.peak_bytes, sum(self.held.values()))
-                    self.done[layer].set()
-        except BaseException as exc:  # handed to the forward's thread in reached()
-            self.error = exc
-        finally:
-            for event in self.done.values():
-                event.set()
-
-    def reached(self, layer: int) -> None:
-        """The forward is at ``layer``: wait for its K/V, free the previous layer's slot."""
-        t0 = time.perf_counter()
-        self.done[layer].wait()
-        self.session.memory.recompute_wait_seconds += time.perf_counter() - t0
-        if self.error is not None:
-            raise RuntimeError(
-                f"recomputing layer {self.layer}'s K/V failed in the worker thread"
-            ) from self.error
-        if self.previous is not None:
-            with self.lock:
-                self.held.pop(self.previous, None)
-            self.slots.release()
-        self.previous = layer
-
-    def close(self) -> None:
-        """Stop the worker (after the layer it is on) and wait for it."""
-        self.stop = True
-        for _ in self.session.global_layers:
-            self.slots.release()
-        self.thread.join()
-
-
 class KVDirect(CachePolicy):
     """Keep the last ``budget`` tokens' K/V; recompute older K/V from checkpoints.
 
@@ -359,9 +262,6 @@ class KVDirect(CachePolicy):
             only; the evicted span is replayed through the whole stack).
         mode: ``"exact"`` (original chunk shapes, bitwise) or ``"fast"`` (one batched call).
         measure_deviation: Run a shadow full cache and report the max |logit difference|.
-        overlap: Recompute in a worker thread while the forward runs, at most one layer ahead
-            (two layers' recomputed K/V alive instead of one). Same bits; on 2 CPU cores it
-            hides part of the recompute (``benchmarks/kvdirect.py``). Layer checkpoints only.
 
     Example:
         >>> import residkit
@@ -381,7 +281,6 @@ class KVDirect(CachePolicy):
         mode: str = "exact",
         *,
         measure_deviation: bool = False,
-        overlap: bool = False,
     ) -> None:
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
             raise ValueError(f"budget must be a non-negative int, got {budget!r}")
@@ -389,10 +288,8 @@ class KVDirect(CachePolicy):
             raise ValueError(f"unknown checkpoint {checkpoint!r}; choose one of {CHECKPOINTS}")
         if mode not in KVDIRECT_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {KVDIRECT_MODES}")
-        if overlap and checkpoint != "layer":
-            raise ValueError(f"overlap=True needs checkpoint='layer', got {checkpoint!r}")
         self.budget, self.checkpoint, self.mode = budget, checkpoint, mode
-        self.measure_deviation, self.overlap = measure_deviation, overlap
+        self.measure_deviation = measure_deviation
 
     def open(self, model: TransformerBridge) -> CacheSession:
         return _KVDirectSession(model, self)
