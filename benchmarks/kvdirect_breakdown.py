@@ -122,6 +122,9 @@ def main() -> None:
         return best * 1e3
 
     gemms = best_ms(lambda: (k_proj(x), v_proj(x)))
+    # One row: the shape exact mode must use for every evicted decoded token.
+    row = x[:, :1].clone()
+    gemv = min(best_ms(lambda: (k_proj(row), v_proj(row))) for _ in range(4))
     hand = best_ms(by_hand)
     bridge = best_ms(lambda: projector(layer, x, pos, position_embeddings=(cos, sin)))
     # The engine's other lane (used under split-QKV settings): the whole decoder block.
@@ -149,6 +152,11 @@ def main() -> None:
     print(f"  residkit's recompute (norm + attention bridge):  {bridge:.2f} ms")
     print(f"  the same through the whole block bridge:         {block:.2f} ms")
     print(f"  hand-written K/V == residkit's, bitwise: {same}")
+    per_row = gemms / x.shape[1]
+    print(
+        f"K+V GEMMs on one row (M = 1, best of 4x30): {gemv * 1e3:.1f} us, "
+        f"{gemv / per_row:.0f}x the per-row time of the {x.shape[1]}-row GEMM ({per_row * 1e3:.2f} us)"
+    )
 
 
 if __name__ == "__main__":

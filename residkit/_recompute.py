@@ -14,8 +14,8 @@ controls):
   hooks still never fire during recomputation.
 - **The attention bridge, not the block.** The family's attention-input norm (``ArchSpec``'s
   ``attn_norm_path``) and then the block's attention bridge are called directly, skipping the
-  decoder layer and block wrappers (0.1-0.4 ms a call on SmolLM2's shape in a hot loop,
-  ``benchmarks/kvdirect_breakdown.py``). K and V still come
+  decoder layer and block wrappers (0-0.4 ms a call on SmolLM2's shape in a hot loop,
+  within the host's noise; ``benchmarks/kvdirect_breakdown.py``). K and V still come
   out of TransformerLens's own attention code. With ``use_split_qkv_input`` or ``use_attn_in``
   on, the block runs whole, since it is the block that hands attention the pre-norm residual.
 - **GEMM shapes on request.** With ``chunks``, the K and V projections run once per original
@@ -228,8 +228,7 @@ class KVProjector:
             return self._per_chunk(layer, residual, position_ids, chunks, position_embeddings)
         block = self.model.blocks[layer]
         if (layer, whole_block) not in self._points:
-            # The attention lane passes only through the norm and attention, so the block's own
-            # points (``hook_resid_pre`` among them) stay live for a forward running elsewhere.
+            # The attention lane passes only through the norm and attention: mute just those.
             self._points[layer, whole_block] = (
                 hook_points(block)
                 if whole_block
