@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from residkit._recompute import KVProjector, spans
+from residkit._recompute import KVProjector, _runs, spans
 from residkit.architectures import hf_config, spec_for
 
 PROMPT, DECODED = 30, 10
@@ -35,6 +35,38 @@ def _decode_and_capture(model) -> tuple[dict[int, torch.Tensor], DynamicCache]:
 
 def test_spans() -> None:
     assert spans([3, 1, 2]) == [(0, 3), (3, 1), (4, 2)]
+    # Runs of single-token chunks merge (negative length: that many one-row GEMMs).
+    assert _runs([3, 1, 1, 2, 1]) == [(0, 3), (3, -2), (5, 2), (7, -1)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # K/V projections without, with bias
+def test_single_token_runs_are_one_batched_gemm_and_stay_bitwise(
+    family: str, model_for, monkeypatch
+) -> None:
+    """The 10 decoded tokens' projections go out as one batched GEMM of M = 1 problems per
+    projection, and K/V stay equal to the model's cache. Negative control: the same rows as one
+    M = 10 GEMM (a shape no original forward had) differ."""
+    import residkit._recompute as recompute
+
+    model = model_for(family)
+    resid, cache = _decode_and_capture(model)
+    pos = torch.arange(PROMPT + DECODED).unsqueeze(0)
+    batched = []
+    for name in ("bmm", "baddbmm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(
+            torch, name, lambda *a, real=real, **k: batched.append(1) or real(*a, **k)
+        )
+    with torch.no_grad():
+        k, v, _ = KVProjector(model)(1, resid[1], pos, chunks=CHUNKS)
+    assert len(batched) == 2  # K and V
+    assert torch.equal(k, cache.layers[1].keys) and torch.equal(v, cache.layers[1].values)
+    monkeypatch.setattr(recompute, "_runs", lambda sizes: [(0, PROMPT), (PROMPT, DECODED)])
+    with torch.no_grad():
+        k_wrong, v_wrong, _ = KVProjector(model)(1, resid[1], pos, chunks=CHUNKS)
+    assert not (
+        torch.equal(k_wrong, cache.layers[1].keys) and torch.equal(v_wrong, cache.layers[1].values)
+    )
 
 
 def test_chunked_recompute_equals_the_models_cache(family: str, model_for) -> None:
