@@ -25,8 +25,10 @@ peak checkpoint bytes and peak transient bytes. Also:
 - the **shape floor**: the same GEMMs timed alone, at the shapes the mode must run them (best
   of a hot loop per row count M, summed over every K/V projection call the recompute made).
   A FLOP floor prices an M = 1 GEMM, which exact mode must run for every evicted decoded token
-  (its original shape), at the throughput of M = 512: about 30x faster than any M = 1 GEMM
-  runs here, since it reads the whole weight for one row. Both floors are reported.
+  (its original shape), at the throughput of M = 512, far faster than any M = 1 GEMM runs
+  here, since it reads the whole weight for one row. Exact mode issues a run of such tokens as
+  one batched GEMM of M = 1 problems, and the shape floor times that batch as issued. Both
+  floors are reported.
 
 - ``checkpoint="token"`` (token ids only, the paper's one-vector-per-token accounting taken
   literally) at ``--token-budgets``: each step replays the evicted span through every block.
@@ -57,7 +59,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import residkit
 from residkit import KVDirect, zoo
-from residkit._recompute import KVProjector
+from residkit._recompute import KVProjector, _project, _runs
 from residkit.generation import Generation
 from residkit.policies import CachePolicy, FullCache, NoCache
 
@@ -94,22 +96,27 @@ def layer_gemm_flops_per_second(model, rows: int = 512, repeats: int = 10) -> fl
     return flops / best
 
 
-def kv_projection_seconds(model, rows: int) -> float:
-    """Best hot-loop time of block 0's K and V projections on ``rows`` rows."""
+def kv_projection_seconds(model, length: int) -> float:
+    """Best hot-loop time of block 0's K and V projections, issued as the recompute issues them.
+
+    ``length`` is a span length of ``residkit._recompute._runs``: ``M > 0`` rows as one GEMM,
+    or ``-r``, a run of ``r`` single-token chunks (one batched GEMM of ``r`` M = 1 problems).
+    """
     attn = model.blocks[0].attn
     k, v = attn.k.original_component, attn.v.original_component
-    x = torch.randn(1, rows, model.cfg.d_model)
+    x = torch.randn(1, abs(length), model.cfg.d_model)
     best = float("inf")
     with torch.no_grad():
-        for _ in range(100 if rows < 64 else 30):
+        for _ in range(100 if abs(length) < 64 else 30):
             t0 = time.perf_counter()
-            k(x), v(x)
+            _project(k, x, 0, length), _project(v, x, 0, length)
             best = min(best, time.perf_counter() - t0)
     return best
 
 
 class GemmShapes:
-    """Counts the row counts M of the K/V projection GEMMs every recompute call runs."""
+    """Counts the K/V projection GEMM shapes every recompute call issues: row counts M, and
+    runs of single-token chunks (negative: ``-r`` is one batched GEMM of r M = 1 problems)."""
 
     def __init__(self) -> None:
         self.counts: Counter[int] = Counter()
@@ -120,7 +127,9 @@ class GemmShapes:
 
         def counted(projector: KVProjector, layer: int, residual: Any, *a: Any, **k: Any) -> Any:
             chunks = k.get("chunks")
-            self.counts.update(chunks if chunks is not None else [residual.shape[-2]])
+            self.counts.update(
+                [n for _, n in _runs(chunks)] if chunks is not None else [residual.shape[-2]]
+            )
             return call(projector, layer, residual, *a, **k)
 
         KVProjector.__call__ = counted  # type: ignore[method-assign,assignment]
