@@ -20,8 +20,10 @@ controls):
   on, the block runs whole, since it is the block that hands attention the pre-norm residual.
 - **GEMM shapes on request.** With ``chunks``, the K and V projections run once per original
   chunk, which is what bitwise equality on CPU needs (a float32 GEMM row depends on the row
-  count M; ``docs/gemm_shapes.md``). The row-wise norm and element-wise rotary run once over
-  all rows: they do not depend on M, and the exactness tests would see it if they did.
+  count M; ``docs/gemm_shapes.md``). A run of single-token chunks (decoded tokens) goes out as
+  one batched GEMM of M = 1 problems, bitwise equal to one M = 1 GEMM each here
+  (``benchmarks/gemm_rows.py``). The row-wise norm and element-wise rotary run once over all
+  rows: they do not depend on M, and the exactness tests would see it if they did.
 """
 
 import operator
