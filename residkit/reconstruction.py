@@ -208,6 +208,9 @@ def kv_reconstruction_report(
     ]
     from transformers import DynamicCache
 
+    from residkit._compat import check_bridge_writes_cache
+
+    check_bridge_writes_cache(model)
     cache = DynamicCache(config=hf_config(model))
     chunks = [tokens.shape[1]]
     with temporary_hooks(model, hooks):

@@ -7,6 +7,7 @@ import plotly.graph_objects as go
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._compat import check_bridge_writes_cache
 from residkit.generation.engine import Sampler, decode_loop, resolve_policy
 from residkit.policies import CachePolicy
 
@@ -49,6 +50,7 @@ class Chat:
     def __init__(self, model: TransformerBridge, policy: CachePolicy | str = "full") -> None:
         self.model = model
         self.policy = resolve_policy(policy)
+        check_bridge_writes_cache(model)
         self.session = self.policy.open(model)
         self.history: list[torch.Tensor] = []
         self._pending: torch.Tensor | None = None

@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._compat import check_bridge_writes_cache
 from residkit.capture import Inputs, to_tokens
 from residkit.policies import CachePolicy, CacheSession, FullCache, MemoryStats, NoCache
 
@@ -276,6 +277,8 @@ def generate(
     Raises:
         ValueError: bad sampling arguments, unknown policy, empty prompt, or a prompt plus
             ``max_new_tokens`` longer than the model's context.
+        CacheNotWrittenError: the installed transformers / TransformerLens pair does not pass
+            the cache to attention (see :func:`residkit._compat.check_bridge_writes_cache`).
 
     Example:
         >>> import residkit
@@ -306,6 +309,7 @@ def generate(
     eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
     sampler = Sampler(do_sample, temperature, top_k, top_p, generator)
 
+    check_bridge_writes_cache(model)
     start = time.perf_counter()
     session = chosen.open(model)
     try:
