@@ -8,6 +8,7 @@ from residkit import KVDirect, zoo
 from residkit.generation import generate, generate_kvdirect
 from residkit.generation.chat import Chat
 from residkit.policies import per_token_bytes
+from residkit.policies.kvdirect import ResidualCheckpoints
 
 TEXT = "The residual stream is all you need, says the paper; we check it here, live, now."
 N_NEW = 48
@@ -141,12 +142,29 @@ def test_memory_bound_on_a_long_generation(model_for) -> None:
     assert max(a for a, _ in gen.stats.per_step) <= budget * per_token_kv
     fed = 700 + n_new - 1
     assert gen.stats.checkpoint_bytes == fed * cfg.n_layers * cfg.d_model * 4
+    # The buffers' spare rows are reported apart: at most 1/GROWTH of the rows (+1 per layer).
+    spare = gen.stats.checkpoint_reserved_bytes - gen.stats.checkpoint_bytes
+    assert 0 <= spare <= (fed // ResidualCheckpoints.GROWTH + 1) * cfg.n_layers * cfg.d_model * 4
     assert gen.stats.tokens_evicted == fed - budget
     # Token mode keeps 8 bytes per token instead.
     tok = generate(
         model, "x", max_new_tokens=40, policy=KVDirect(budget, "token", "fast"), stop_at_eos=False
     )
     assert tok.stats.checkpoint_bytes == (model.to_tokens("x").shape[1] + 39) * 8
+
+
+def test_checkpoints_are_appended_in_place() -> None:
+    """A step copies its own rows, not the stored ones: regrowth is amortised."""
+    store = ResidualCheckpoints()
+    chunks = [torch.randn(1, 512, 8)] + [torch.randn(1, 1, 8) for _ in range(600)]
+    grown = [store.append(c) for c in chunks]
+    assert torch.equal(store.rows(), torch.cat(chunks, dim=1))
+    assert not torch.equal(store.rows()[:, 1:], torch.cat(chunks, dim=1)[:, :-1])  # control
+    row = 8 * 4
+    assert sum(g > 0 for g in grown) == 6  # 576 -> 649 -> 731 -> 823 -> 927 -> 1044 -> 1175 rows
+    assert sum(grown) <= (store.GROWTH + 1) * 600 * row  # vs 600 x ~800 rows if merged per step
+    assert store.nbytes == 1112 * row
+    assert store.nbytes < store.reserved_bytes <= store.nbytes * (1 + 1 / store.GROWTH) + row
 
 
 def test_sliding_layers_keep_no_checkpoints(model_for) -> None:

@@ -23,9 +23,11 @@ class MemoryStats:
     Attributes:
         active_kv_bytes: K/V tensors attention reads directly (current and peak).
         checkpoint_bytes: Residual checkpoints (or token ids) kept instead of evicted K/V.
+        checkpoint_reserved_bytes: Bytes allocated for them, spare rows of a growing buffer
+            included (current and peak); equal to ``checkpoint_bytes`` where nothing is spare.
         transient_bytes: Peak bytes alive during one layer's recompute and then freed: the
-            recomputed K/V, the norm output of the recomputed rows, the rotary tables, and
-            the copy made when a step's checkpoints are merged (KV-Direct).
+            recomputed K/V, the norm output of the recomputed rows and the rotary tables, or
+            the old checkpoint buffer while it is copied into a grown one (KV-Direct).
         tokens_evicted: Tokens whose K/V left the active cache.
         recompute_seconds: Wall time spent recomputing K/V from checkpoints.
         recomputed_tokens: Token-rows pushed through recomputation, summed over forwards and
@@ -38,16 +40,24 @@ class MemoryStats:
     peak_active_kv_bytes: int = 0
     checkpoint_bytes: int = 0
     peak_checkpoint_bytes: int = 0
+    checkpoint_reserved_bytes: int = 0
+    peak_checkpoint_reserved_bytes: int = 0
     peak_transient_bytes: int = 0
     tokens_evicted: int = 0
     recompute_seconds: float = 0.0
     recomputed_tokens: int = 0
     per_step: list[tuple[int, int]] = field(default_factory=list)
 
-    def record(self, active: int, checkpoints: int, transient: int = 0) -> None:
+    def record(
+        self, active: int, checkpoints: int, transient: int = 0, *, reserved: int | None = None
+    ) -> None:
         self.active_kv_bytes, self.checkpoint_bytes = active, checkpoints
+        self.checkpoint_reserved_bytes = checkpoints if reserved is None else reserved
         self.peak_active_kv_bytes = max(self.peak_active_kv_bytes, active)
         self.peak_checkpoint_bytes = max(self.peak_checkpoint_bytes, checkpoints)
+        self.peak_checkpoint_reserved_bytes = max(
+            self.peak_checkpoint_reserved_bytes, self.checkpoint_reserved_bytes
+        )
         self.peak_transient_bytes = max(self.peak_transient_bytes, transient)
         self.per_step.append((active, checkpoints))
 
