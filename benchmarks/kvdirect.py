@@ -3,46 +3,44 @@
 SmolLM2-135M's published shape (random init: speed and memory do not depend on the weights),
 a 512-token prompt of random token ids, 64 greedy new tokens, budgets {32, 128, 512}.
 
-For each policy: seconds, tokens/s and speed as a ratio to FullCache; peak active K/V bytes,
-peak checkpoint bytes and peak transient bytes. Also:
+**Lockstep pairing.** This host's speed drifts by up to 2x within minutes (a shared VM), so two
+runs one after the other do not see the same machine. Each KV-Direct configuration therefore
+runs in lockstep with a FullCache session: both are opened together and advanced one forward
+each in turn (which goes first alternates every step), and the K+V projection throughput is
+probed (best of 5 GEMMs at M = 512) right after every step. Every step has its own FullCache
+time and its own floor, measured within milliseconds of it. Both sessions are fed FullCache's
+greedy tokens, and the script asserts that KV-Direct picks the same token at every step (and,
+in exact mode, that its logits are ``torch.equal`` to FullCache's).
 
-- HF ``generate`` on the same weights, to check that the FullCache loop (the bridge's hooks and
-  residkit's loop) costs at most 1.2x HF's own loop;
-- the **FLOP floor of each recompute mode**: the recompute's arithmetic (2 x rows x d_model x
-  2 n_kv_heads d_head per layer, where ``rows`` is what the mode must push through the K/V
-  projections: the evicted tokens in fast mode, the whole original chunks that hold them in
-  exact mode; ``Generation.stats.recomputed_tokens`` counts them) divided by the best
-  throughput this machine reaches on the model's own K and V projections at M = 512. Two
-  ratios use it:
-  - ``recompute / floor``: seconds spent recomputing (``stats.recompute_seconds``) over that
-    floor, i.e. how close the recompute runs to its arithmetic;
-  - ``total / (FullCache + floor)``: the whole run over the FullCache run plus the floor, i.e.
-    over the fastest KV-Direct could possibly be here (it must do full-cache decoding's
-    forwards and the recompute's arithmetic).
-  The pure FLOP floor of a whole run (forwards included) is printed for FullCache too, to show
-  why it is not used: single-token forwards are memory-bound, and FullCache itself runs far
-  above it.
-- the **shape floor**: the same GEMMs timed alone, at the shapes the mode must run them (best
-  of a hot loop per row count M, summed over every K/V projection call the recompute made).
-  A FLOP floor prices an M = 1 GEMM, which exact mode must run for every evicted decoded token
-  (its original shape), at the throughput of M = 512, far faster than any M = 1 GEMM runs
-  here, since it reads the whole weight for one row. Exact mode issues a run of such tokens as
-  one batched GEMM of M = 1 problems, and the shape floor times that batch as issued. Both
-  floors are reported.
+Reported per configuration:
 
-- ``checkpoint="token"`` (token ids only, the paper's one-vector-per-token accounting taken
-  literally) at ``--token-budgets``: each step replays the evicted span through every block.
-  Its FLOP floor is the replayed token-forwards times the blocks' GEMM FLOPs per token (norms,
-  attention scores and the unembedding not counted) at the best throughput of a block's linear
-  layers at M = 512.
+- seconds, speed as a ratio to the paired FullCache steps, tokens/s; peak active K/V, peak
+  checkpoint bytes (and bytes reserved for them, spare rows of the growing buffers included),
+  peak transient bytes;
+- the **FLOP floor of the recompute**: its arithmetic (``stats.recomputed_tokens`` x 2 x d_model
+  x 2 n_kv_heads d_head; exact mode counts the whole original chunks it must recompute for
+  bitwise K/V) at a hot-loop throughput of the model's own K and V projections at M = 512.
+  Two throughputs: **paired**, each step's recompute priced at the probe taken right after it;
+  **best**, the highest probe of the whole run (the strictest floor: the machine at its fastest,
+  which no step ran at);
+- two ratios against it, the two readings of the issue's "within 1.5x of its FLOP floor":
+  ``whole / (FullCache + floor)``, the run over the fastest it could be here (full-cache
+  decoding's forwards, measured, plus the recompute's arithmetic), and ``recompute / floor``,
+  the recompute alone over its arithmetic;
+- the **shape floor**: the same GEMMs at the shapes the mode issues them, each timed alone in a
+  hot loop after the runs (exact mode's evicted decoded tokens are M = 1 problems, which read
+  the whole weight for one row each).
 
-Each KV-Direct run (layer checkpoints) is repeated ``--repeats`` times, each time paired with a FullCache run just
-before it; the table shows the run with the median whole-run ratio and the summary the range.
+Also: HF ``generate`` on the same weights against FullCache (the loop's overhead; 3 alternating
+repeats, medians), NoCache against the median FullCache run, and ``checkpoint="token"`` at
+``--token-budgets`` (token ids only; each step replays the evicted span through every block;
+its FLOP floor is the replayed token-forwards x the blocks' GEMM FLOPs at the blocks' own
+linear-layer throughput, probed after every step).
 
 Run: ``python benchmarks/kvdirect.py [--prompt 512] [--new 64] [--budgets 32 128 512]
-[--repeats 3] [--token-budgets 128] [--skip-nocache] [--tiny]``. ``--tiny`` is a smoke run on
+[--repeats 2] [--token-budgets 128] [--skip-nocache] [--tiny]``. ``--tiny`` is a smoke run on
 the zoo's tiny llama (``tests/test_benchmarks.py``); its numbers mean nothing.
-Not a test: it prints a table in the markdown of ``benchmarks/RESULTS.md``.
+Not a test: it prints the markdown of ``benchmarks/RESULTS.md``.
 """
 
 import argparse
@@ -51,6 +49,8 @@ import platform
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -59,41 +59,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import residkit
 from residkit import KVDirect, zoo
+from residkit._compat import check_bridge_writes_cache
 from residkit._recompute import KVProjector, _project, _runs
-from residkit.generation import Generation
-from residkit.policies import CachePolicy, FullCache, NoCache
+from residkit.policies import FullCache, MemoryStats, NoCache
 
 
-def kv_projection_flops_per_second(model, rows: int = 512, repeats: int = 30) -> float:
-    """Best measured float32 throughput of block 0's own K and V projections at ``rows`` rows."""
-    attn = model.blocks[0].attn
-    k, v = attn.k.original_component, attn.v.original_component
-    x = torch.randn(1, rows, model.cfg.d_model)
-    flops = 2 * rows * model.cfg.d_model * (k.weight.shape[0] + v.weight.shape[0])
-    best = float("inf")
-    with torch.no_grad():
+class Probe:
+    """Best-of-``repeats`` throughput (FLOP/s) of some of block 0's HF linear layers at M rows."""
+
+    def __init__(self, linears: list[torch.nn.Linear], rows: int = 512) -> None:
+        self.linears = linears
+        self.x = {m.in_features: torch.randn(1, rows, m.in_features) for m in linears}
+        self.flops = sum(2 * rows * m.in_features * m.out_features for m in linears)
+        self.seen: list[float] = []
+
+    @torch.no_grad()
+    def __call__(self, repeats: int = 5) -> float:
+        best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
-            k(x), v(x)
+            for m in self.linears:
+                m(self.x[m.in_features])
             best = min(best, time.perf_counter() - t0)
-    return flops / best
-
-
-def layer_gemm_flops_per_second(model, rows: int = 512, repeats: int = 10) -> float:
-    """Best measured throughput of all of block 0's HF linear layers at ``rows`` rows."""
-    linears = [
-        m for m in model.original_model.model.layers[0].modules() if isinstance(m, torch.nn.Linear)
-    ]
-    x = {m.in_features: torch.randn(1, rows, m.in_features) for m in linears}
-    flops = sum(2 * rows * m.in_features * m.out_features for m in linears)
-    best = float("inf")
-    with torch.no_grad():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for m in linears:
-                m(x[m.in_features])
-            best = min(best, time.perf_counter() - t0)
-    return flops / best
+        self.seen.append(self.flops / best)
+        return self.seen[-1]
 
 
 def kv_projection_seconds(model, length: int) -> float:
@@ -139,12 +128,77 @@ class GemmShapes:
         KVProjector.__call__ = self._call  # type: ignore[method-assign]
 
 
+@dataclass
+class Step:
+    """One forward of each session: seconds, the recompute inside it, the probe after it."""
+
+    ref_s: float
+    kvd_s: float
+    recompute_s: float
+    rows: int  # recomputed token-rows (layer rows, or token-forwards in token mode)
+    throughput: float  # FLOP/s of the probe taken right after the step
+
+
+@dataclass
+class Run:
+    name: str
+    steps: list[Step]
+    stats: MemoryStats
+    ref_stats: MemoryStats
+    shapes: Counter[int] = field(default_factory=Counter)
+
+    def total(self, attr: str) -> float:
+        return sum(getattr(s, attr) for s in self.steps)
+
+
+@torch.no_grad()
+def lockstep(
+    model, prompt: torch.Tensor, n_new: int, policy: KVDirect, probe: Probe, name: str
+) -> Run:
+    """Decode ``n_new`` tokens with FullCache and ``policy`` side by side, one forward each."""
+    ref, kvd = FullCache().open(model), policy.open(model)
+    steps: list[Step] = []
+    feed = prompt
+    try:
+        with GemmShapes() as shapes:
+            for s in range(n_new):
+                before = (kvd.memory.recompute_seconds, kvd.memory.recomputed_tokens)
+                logits, secs = {}, {}
+                order = [("ref", ref), ("kvd", kvd)]
+                for key, session in order if s % 2 == 0 else order[::-1]:
+                    t0 = time.perf_counter()
+                    logits[key] = session.prefill(feed) if s == 0 else session.step(feed)
+                    secs[key] = time.perf_counter() - t0
+                token = logits["ref"].argmax(-1)
+                assert torch.equal(logits["kvd"].argmax(-1), token), f"{name}: step {s} diverged"
+                if policy.mode == "exact":
+                    assert torch.equal(logits["kvd"], logits["ref"]), f"{name}: step {s} logits"
+                steps.append(
+                    Step(
+                        secs["ref"],
+                        secs["kvd"],
+                        kvd.memory.recompute_seconds - before[0],
+                        kvd.memory.recomputed_tokens - before[1],
+                        probe(),
+                    )
+                )
+                feed = token.view(1, 1)
+    finally:
+        ref.close()
+        kvd.close()
+    return Run(name, steps, kvd.memory, ref.memory, shapes.counts)
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--budgets", type=int, nargs="+", default=[32, 128, 512])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument(
         "--token-budgets",
         type=int,
@@ -162,61 +216,76 @@ def main() -> None:
     model = residkit.load(
         zoo.build("llama", size="tiny") if args.tiny else zoo.build("llama", config="smollm2-135m")
     )
+    check_bridge_writes_cache(model)
     hf_cfg, cfg = model.original_model.config, model.cfg
     torch.manual_seed(0)
     prompt = torch.randint(0, hf_cfg.vocab_size, (1, args.prompt))
-    kv_out = 2 * cfg.n_key_value_heads * cfg.d_head
-    row_flops = 2 * cfg.d_model * kv_out  # one token-row through one layer's K and V
-    forward_flops = 2 * sum(p.numel() for p in model.original_model.parameters())
+    row_flops = 2 * cfg.d_model * 2 * cfg.n_key_value_heads * cfg.d_head  # one row, one layer
+    hf_layer = model.original_model.model.layers[0]
+    linears = [m for m in hf_layer.modules() if isinstance(m, torch.nn.Linear)]
+    attn = hf_layer.self_attn
+    kv_probe = Probe([attn.k_proj, attn.v_proj])
+    block_probe = Probe(linears)
+    block_flops = 2 * sum(  # a replayed token's GEMMs through all blocks (token mode)
+        m.in_features * m.out_features
+        for m in model.original_model.model.layers.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
     load_before = os.getloadavg()
 
-    def run(policy: CachePolicy) -> tuple[Generation, float]:
+    def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
         t0 = time.perf_counter()
-        gen = residkit.generate(
+        out = fn()
+        return out, time.perf_counter() - t0
+
+    def generate(policy: Any) -> Any:
+        return residkit.generate(
             model, prompt, max_new_tokens=args.new, policy=policy, stop_at_eos=False
         )
-        secs = time.perf_counter() - t0
-        print(f"  ran {policy!r}: {secs:.2f} s", flush=True)
-        return gen, secs
 
-    # Every ratio is against a reference run in the same process. The machine's speed drifts
-    # (shared host), so each KV-Direct run is paired with a FullCache run just before it, and
-    # the GEMM throughput is re-measured before each pair; the floor uses the best throughput
-    # seen in the whole run, which makes it the strictest (lowest) floor.
-    peaks = [kv_projection_flops_per_second(model)]
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        hf_out = model.original_model.generate(
-            prompt, do_sample=False, max_new_tokens=args.new, min_new_tokens=args.new
-        )
-        hf_s = time.perf_counter() - t0
-    full, full_s = run(FullCache())
-    none_s = run(NoCache())[1] if not args.skip_nocache else None
-    runs: dict[str, list[tuple[Generation, float, float, Counter[int]]]] = {}
+    # HF generate vs residkit's FullCache loop: alternating repeats, medians.
+    hf_s, full_s, hf_out, full = [], [], None, None
+    for _ in range(1 if args.tiny else 3):
+        with torch.no_grad():
+            hf_out, secs = timed(
+                lambda: model.original_model.generate(
+                    prompt, do_sample=False, max_new_tokens=args.new, min_new_tokens=args.new
+                )
+            )
+        hf_s.append(secs)
+        full, secs = timed(lambda: generate(FullCache()))
+        full_s.append(secs)
+    assert hf_out is not None and full is not None
+    none_s = None if args.skip_nocache else timed(lambda: generate(NoCache()))[1]
+    print(f"  HF {hf_s}, FullCache {full_s}, NoCache {none_s}", flush=True)
+
+    runs: dict[str, list[Run]] = {}
     for _ in range(args.repeats):
         for budget in args.budgets:
             for mode in ("exact", "fast"):
-                peaks.append(kv_projection_flops_per_second(model))
-                ref_s = run(FullCache())[1]
-                with GemmShapes() as shapes:
-                    gen, secs = run(KVDirect(budget, "layer", mode))
-                assert torch.equal(gen.tokens, full.tokens), f"{mode} B={budget} diverged"
-                runs.setdefault(f"KV-Direct {mode} B={budget}", []).append(
-                    (gen, secs, ref_s, shapes.counts)
+                name = f"KV-Direct {mode} B={budget}"
+                run = lockstep(
+                    model, prompt, args.new, KVDirect(budget, "layer", mode), kv_probe, name
                 )
-    # checkpoint="token": token ids only; each step replays the evicted span through every block.
+                print(
+                    f"  {name}: {run.total('kvd_s'):.2f} s vs {run.total('ref_s'):.2f} s",
+                    flush=True,
+                )
+                runs.setdefault(name, []).append(run)
     token_runs = []
     for budget in args.token_budgets:
         for mode in ("exact", "fast"):
-            ref_s = run(FullCache())[1]
-            gen, secs = run(KVDirect(budget, "token", mode))
-            assert torch.equal(gen.tokens, full.tokens), f"token {mode} B={budget} diverged"
-            token_runs.append((f"KV-Direct token {mode} B={budget}", gen, secs, ref_s))
-    layer_peak = max(layer_gemm_flops_per_second(model) for _ in range(3))
-    peak = max(peaks)
-    # Shape floor: every distinct M is timed once, after all runs, on a quiet loop.
-    all_m = sorted({m for reps in runs.values() for *_, counts in reps for m in counts})
+            name = f"KV-Direct token {mode} B={budget}"
+            token_runs.append(
+                lockstep(
+                    model, prompt, args.new, KVDirect(budget, "token", mode), block_probe, name
+                )
+            )
+            print(f"  {name}: {token_runs[-1].total('kvd_s'):.2f} s", flush=True)
+    # Shape floor: every distinct M is timed once, after all runs, in a hot loop.
+    all_m = sorted({m for reps in runs.values() for r in reps for m in r.shapes})
     gemm_s = {m: kv_projection_seconds(model, m) for m in all_m}
+    best = max(kv_probe.seen)
 
     print(
         f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
@@ -226,112 +295,111 @@ def main() -> None:
     shape = "the zoo's tiny llama" if args.tiny else "SmolLM2-135M shape"
     print(f"model: {shape}, random init, float32; prompt {args.prompt}, new {args.new}")
     print(
-        f"K+V projection throughput at M=512 (best of 30, measured {len(peaks)} times): "
-        f"best {peak / 1e9:.1f} GFLOP/s, lowest {min(peaks) / 1e9:.1f}"
+        f"K+V projection throughput at M=512 (best of 5, probed {len(kv_probe.seen)} times): "
+        f"best {best / 1e9:.1f} GFLOP/s, median {statistics.median(kv_probe.seen) / 1e9:.1f}, "
+        f"lowest {min(kv_probe.seen) / 1e9:.1f}"
     )
     print(
         f"FullCache tokens == HF generate tokens: {torch.equal(hf_out[0, args.prompt :], full.tokens)}"
     )
-    whole_floor = forward_flops * (args.prompt + args.new - 1) / peak
+    med_full, med_hf = statistics.median(full_s), statistics.median(hf_s)
+    print(f"\n| run | seconds (median of {len(full_s)}) | vs FullCache | tok/s | peak active K/V |")
+    print("|---|---|---|---|---|")
+    print(f"| HF generate | {med_hf:.2f} | {med_full / med_hf:.3f}x | {args.new / med_hf:.2f} | |")
     print(
-        f"FullCache vs the pure FLOP floor of its forwards ({whole_floor:.2f} s): "
-        f"{full_s / whole_floor:.1f}x (single-token forwards are memory-bound)"
-    )
-    print(
-        "\n| run | seconds | paired FullCache s | speed vs FullCache | tok/s | peak active K/V "
-        "| vs full | peak checkpoints | peak transient | recompute s | FLOP floor s "
-        "| shape floor s | recompute / FLOP floor | recompute / shape floor "
-        "| total / (FullCache + FLOP floor) | total / (FullCache + shape floor) |"
-    )
-    print("|" + "---|" * 16)
-    base = full.stats
-    print(
-        f"| HF generate | {hf_s:.2f} | {full_s:.2f} | {full_s / hf_s:.3f}x | {args.new / hf_s:.2f} |"
-        + " |" * 11
-    )
-    print(
-        f"| FullCache | {full_s:.2f} | {full_s:.2f} | 1.000x | {base.tokens_per_second:.2f} "
-        f"| {base.peak_active_kv_bytes / 2**20:.2f} MiB | 1.000 | 0 | 0 | | | | | | | |"
+        f"| FullCache | {med_full:.2f} | 1.000x | {args.new / med_full:.2f} "
+        f"| {full.stats.peak_active_kv_bytes / 2**20:.2f} MiB |"
     )
     if none_s is not None:
         print(
-            f"| NoCache | {none_s:.2f} | {full_s:.2f} | {full_s / none_s:.3f}x | {args.new / none_s:.2f} | 0 | 0 | 0 | 0 | | | | | | | |"
+            f"| NoCache | {none_s:.2f} | {med_full / none_s:.3f}x | {args.new / none_s:.2f} | 0 |"
         )
-    summary = [f"FullCache loop / HF generate time: {full_s / hf_s:.2f}x (target <= 1.2x)"]
+    summary = [
+        f"FullCache loop / HF generate time: {med_full / med_hf:.2f}x (medians; target <= 1.2x)"
+    ]
+
+    print(
+        "\nLockstep runs (each row one run; floors: paired / best; ratios: paired / best):\n\n"
+        "| run | seconds | paired FullCache s | speed vs FullCache | peak active K/V | vs full "
+        "| peak checkpoints (reserved) | peak transient | recompute s | FLOP floor s "
+        "| shape floor s | recompute / FLOP floor | recompute / shape floor "
+        "| whole / (FullCache + FLOP floor) | per decode step: whole / (FullCache + floor), median (IQR) |"
+    )
+    print("|" + "---|" * 15)
+    full_kv = full.stats.peak_active_kv_bytes
+    ratios: dict[str, dict[str, list[float]]] = {}
     for name, reps in runs.items():
-        rows = []
-        for gen, secs, ref_s, counts in reps:
-            s = gen.stats
-            flop_floor = s.recomputed_tokens * row_flops / peak
-            shape_floor = sum(n * gemm_s[m] for m, n in counts.items())
-            rows.append((secs / (ref_s + shape_floor), gen, secs, ref_s, flop_floor, shape_floor))
-        if not rows[0][4]:  # nothing evicted: no recompute to compare
-            continue
-        rows.sort(key=lambda r: r[0])
-        _, gen, secs, ref_s, flop_floor, shape_floor = rows[len(rows) // 2]
-        s = gen.stats
-        print(
-            f"| {name} | {secs:.2f} | {ref_s:.2f} | {ref_s / secs:.3f}x | {s.tokens_per_second:.2f} "
-            f"| {s.peak_active_kv_bytes / 2**20:.2f} MiB "
-            f"| {s.peak_active_kv_bytes / base.peak_active_kv_bytes:.3f} "
-            f"| {s.peak_checkpoint_bytes / 2**20:.2f} MiB | {s.peak_transient_bytes / 2**20:.2f} MiB "
-            f"| {s.recompute_seconds:.2f} | {flop_floor:.2f} | {shape_floor:.2f} "
-            f"| {s.recompute_seconds / flop_floor:.2f} | {s.recompute_seconds / shape_floor:.2f} "
-            f"| {secs / (ref_s + flop_floor):.2f} | {secs / (ref_s + shape_floor):.2f} |"
-        )
-
-        def spread(values: list[float]) -> str:
-            return f"median {statistics.median(values):.2f} (range {min(values):.2f}-{max(values):.2f})"
-
+        for run in reps:
+            s, kvd_s, ref_s = run.stats, run.total("kvd_s"), run.total("ref_s")
+            rec_s = run.total("recompute_s")
+            paired = sum(st.rows * row_flops / st.throughput for st in run.steps)
+            strict = s.recomputed_tokens * row_flops / best
+            shape_floor = sum(n * gemm_s[m] for m, n in run.shapes.items())
+            if not s.recomputed_tokens:  # nothing evicted: no recompute to compare
+                continue
+            per_step = sorted(
+                st.kvd_s / (st.ref_s + st.rows * row_flops / st.throughput) for st in run.steps[1:]
+            )
+            q = statistics.quantiles(per_step, n=4) if len(per_step) > 1 else per_step * 3
+            r = ratios.setdefault(name, {})
+            for key, value in (
+                ("whole_paired", kvd_s / (ref_s + paired)),
+                ("whole_best", kvd_s / (ref_s + strict)),
+                ("rec_paired", rec_s / paired),
+                ("rec_best", rec_s / strict),
+                ("rec_shape", rec_s / shape_floor),
+                ("speed", ref_s / kvd_s),
+                ("step_median", statistics.median(per_step)),
+            ):
+                r.setdefault(key, []).append(value)
+            print(
+                f"| {name} | {kvd_s:.2f} | {ref_s:.2f} | {ref_s / kvd_s:.3f}x "
+                f"| {s.peak_active_kv_bytes / 2**20:.2f} MiB | {s.peak_active_kv_bytes / full_kv:.3f} "
+                f"| {s.peak_checkpoint_bytes / 2**20:.2f} ({s.peak_checkpoint_reserved_bytes / 2**20:.2f}) MiB "
+                f"| {s.peak_transient_bytes / 2**20:.2f} MiB | {rec_s:.2f} | {paired:.2f} / {strict:.2f} "
+                f"| {shape_floor:.2f} | {rec_s / paired:.2f} / {rec_s / strict:.2f} | {rec_s / shape_floor:.2f} "
+                f"| {kvd_s / (ref_s + paired):.2f} / {kvd_s / (ref_s + strict):.2f} "
+                f"| {statistics.median(per_step):.2f} ({q[0]:.2f}-{q[2]:.2f}) |"
+            )
+    for name, r in ratios.items():
         summary.append(
-            f"{name} over {len(rows)} runs: whole run / (paired FullCache + floor): FLOP floor "
-            + spread([r[2] / (r[3] + r[4]) for r in rows])
-            + ", shape floor "
-            + spread([r[0] for r in rows])
-            + "; recompute / floor: FLOP "
-            + spread([r[1].stats.recompute_seconds / r[4] for r in rows])
-            + ", shape "
-            + spread([r[1].stats.recompute_seconds / r[5] for r in rows])
-            + " (target <= 1.5x)"
+            f"{name} over {len(r['speed'])} runs, median (range): whole / (FullCache + FLOP floor) "
+            f"paired {spread(r['whole_paired'])}, best {spread(r['whole_best'])}; recompute / "
+            f"FLOP floor paired {spread(r['rec_paired'])}, best {spread(r['rec_best'])}; recompute "
+            f"/ shape floor {spread(r['rec_shape'])}; speed vs FullCache {spread(r['speed'])} "
+            "(target <= 1.5x)"
         )
         if name.startswith("KV-Direct fast") and none_s is not None:
+            kvd_s = statistics.median(run.total("kvd_s") for run in runs[name])
             summary.append(
-                f"{name}: {none_s / statistics.median(r[2] for r in rows):.1f}x faster than "
-                "NoCache (median run; target >= 5x)"
+                f"{name}: {none_s / kvd_s:.1f}x faster than NoCache (median run; target >= 5x)"
             )
     if token_runs:
-        # A replayed token costs at least its blocks' GEMMs (attention scores, norms and the
-        # unembedding not counted: the strictest floor), at the best throughput of block 0's
-        # linear layers at M = 512.
-        block_flops = 2 * sum(
-            m.in_features * m.out_features
-            for m in model.original_model.model.layers.modules()
-            if isinstance(m, torch.nn.Linear)
+        print(
+            f"\ncheckpoint='token' (block GEMM throughput at M=512, best of 5 probed after every "
+            f"step: best {max(block_probe.seen) / 1e9:.1f} GFLOP/s; {block_flops / 2e6:.1f} M "
+            "block weights per token):\n"
         )
         print(
-            f"\ncheckpoint='token' (block GEMM throughput at M=512, best of 3x10: "
-            f"{layer_peak / 1e9:.1f} GFLOP/s; {block_flops / 2e6:.1f} M block weights per token):\n"
+            "| run | seconds | paired FullCache s | speed vs FullCache | peak active K/V "
+            "| peak checkpoints | replayed token-forwards | recompute s | FLOP floor s (paired) "
+            "| recompute / floor | whole / (FullCache + floor) |"
         )
-        print(
-            "| run | seconds | paired FullCache s | speed vs FullCache | tok/s | peak active K/V "
-            "| peak checkpoints | replayed token-forwards | recompute s | FLOP floor s "
-            "| recompute / floor | total / (FullCache + floor) |"
-        )
-        print("|" + "---|" * 12)
-        for name, gen, secs, ref_s in token_runs:
-            s = gen.stats
-            floor = s.recomputed_tokens * block_flops / layer_peak
+        print("|" + "---|" * 11)
+        for run in token_runs:
+            s, kvd_s, ref_s = run.stats, run.total("kvd_s"), run.total("ref_s")
+            rec_s = run.total("recompute_s")
+            floor = sum(st.rows * block_flops / st.throughput for st in run.steps)
             print(
-                f"| {name} | {secs:.2f} | {ref_s:.2f} | {ref_s / secs:.3f}x "
-                f"| {s.tokens_per_second:.2f} | {s.peak_active_kv_bytes / 2**20:.2f} MiB "
+                f"| {run.name} | {kvd_s:.2f} | {ref_s:.2f} | {ref_s / kvd_s:.3f}x "
+                f"| {s.peak_active_kv_bytes / 2**20:.2f} MiB "
                 f"| {s.peak_checkpoint_bytes / 2**10:.2f} KiB | {s.recomputed_tokens} "
-                f"| {s.recompute_seconds:.2f} | {floor:.2f} | {s.recompute_seconds / floor:.2f} "
-                f"| {secs / (ref_s + floor):.2f} |"
+                f"| {rec_s:.2f} | {floor:.2f} | {rec_s / floor:.2f} | {kvd_s / (ref_s + floor):.2f} |"
             )
             summary.append(
-                f"{name}: {ref_s / secs:.3f}x FullCache's speed; recompute "
-                f"{s.recompute_seconds / floor:.2f}x its FLOP floor; whole run "
-                f"{secs / (ref_s + floor):.2f}x (paired FullCache + floor)"
+                f"{run.name}: {ref_s / kvd_s:.3f}x FullCache's speed; recompute "
+                f"{rec_s / floor:.2f}x its FLOP floor; whole run {kvd_s / (ref_s + floor):.2f}x "
+                "(paired FullCache + floor)"
             )
     print("\n" + "\n".join(summary))
 
