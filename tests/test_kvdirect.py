@@ -167,6 +167,17 @@ def test_checkpoints_are_appended_in_place() -> None:
     assert store.nbytes < store.reserved_bytes <= store.nbytes * (1 + 1 / store.GROWTH) + row
 
 
+def test_checkpoints_bad_input() -> None:
+    store = ResidualCheckpoints()
+    with pytest.raises(ValueError, match="no checkpoints stored yet"):
+        store.rows()
+    store.append(torch.zeros(1, 3, 8))
+    for bad in (torch.zeros(1, 1, 9), torch.zeros(2, 1, 8)):  # d_model, batch
+        with pytest.raises(ValueError, match=rf"rows of shape \({bad.shape[0]}"):
+            store.append(bad)
+    assert store.rows().shape == (1, 3, 8)  # left as it was
+
+
 def test_sliding_layers_keep_no_checkpoints(model_for) -> None:
     model = model_for("gemma3")  # layers 0 and 2 are sliding
     gen = generate_kvdirect(model, PROMPT, max_new_tokens=8, budget=4, stop_at_eos=False)

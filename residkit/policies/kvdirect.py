@@ -105,7 +105,20 @@ class ResidualCheckpoints:
         self.length = 0
 
     def append(self, rows: Float[Tensor, "batch pos d_model"]) -> int:
-        """Add rows after the stored ones; return the bytes copied to grow the buffer (or 0)."""
+        """Add rows after the stored ones; return the bytes copied to grow the buffer (or 0).
+
+        Raises:
+            ValueError: ``rows`` is not ``[batch, pos, d_model]`` like the rows already stored.
+        """
+        if rows.dim() != 3 or (
+            self.buffer is not None
+            and (rows.shape[:-2], rows.shape[-1]) != (self.buffer.shape[:-2], self.buffer.shape[-1])
+        ):
+            stored = None if self.buffer is None else tuple(self.rows().shape)
+            raise ValueError(
+                f"rows of shape {tuple(rows.shape)} cannot follow checkpoints of shape {stored}: "
+                "expected [batch, pos, d_model] with the same batch and d_model"
+            )
         need = self.length + rows.shape[-2]
         grown = 0
         if self.buffer is None or need > self.buffer.shape[-2]:
@@ -120,8 +133,13 @@ class ResidualCheckpoints:
         return grown
 
     def rows(self) -> Float[Tensor, "batch pos d_model"]:
-        """The stored rows (a view)."""
-        assert self.buffer is not None, "no rows stored yet"
+        """The stored rows (a view).
+
+        Raises:
+            ValueError: nothing has been stored yet.
+        """
+        if self.buffer is None:
+            raise ValueError("no checkpoints stored yet: append rows first")
         return self.buffer[..., : self.length, :]
 
     @property
