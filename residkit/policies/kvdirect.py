@@ -105,7 +105,9 @@ class ResidualCheckpoints:
         self.length = 0
 
     def append(self, rows: Float[Tensor, "batch pos d_model"]) -> int:
-        """Add rows after the stored ones; return the bytes copied to grow the buffer (or 0).
+        """Add rows after the stored ones; return the bytes of the old buffer if it was regrown.
+
+        Those bytes are alive while the stored rows are copied into the new buffer (or 0).
 
         Raises:
             ValueError: ``rows`` is not ``[batch, pos, d_model]`` like the rows already stored.
