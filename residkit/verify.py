@@ -92,7 +92,12 @@ def _load_section(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     params = sum(p.numel() for p in model.original_model.parameters())
     sliding = spec.sliding_layers(hf_cfg)
+    from residkit.registry import provenance
+
+    meta = provenance(model)
+    weights = meta["caveat"] if meta else "as stored in the checkpoint"
     return [
+        Check("load", "weights", weights, None),
         Check("load", "family", f"{spec.family} ({hf_cfg.model_type})", None),
         Check(
             "load",

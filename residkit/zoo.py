@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from residkit._paths import home
 from residkit.paper_configs import PAPER_CONFIGS
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
 
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 VOCAB_SIZE = 259  # 256 bytes + bos, eos, pad: ids 0..255 are the bytes themselves.
-_ZOO_FORMAT = 1  # bump when the files build() writes change, so stale caches are rebuilt
+_ZOO_FORMAT = 2  # bump when the files build() writes change, so stale caches are rebuilt
 
 
 @dataclass(frozen=True)
@@ -196,8 +197,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def cache_root() -> Path:
-    """Folder where built checkpoints live: ``$RESIDKIT_CACHE`` or ``~/.cache/residkit``."""
-    return Path(os.environ.get("RESIDKIT_CACHE", Path.home() / ".cache" / "residkit"))
+    """Folder where built checkpoints live: ``residkit._paths.home()`` (``$RESIDKIT_HOME``)."""
+    return home()
 
 
 def config_for(
@@ -341,14 +342,17 @@ def _bytes_to_unicode() -> dict[int, str]:
 def byte_tokenizer() -> Any:
     """A byte-level ``PreTrainedTokenizerFast``: token id ``b`` is byte ``b``; 256-258 special.
 
+    Like Llama's tokenizers it prepends its BOS itself, so HF's default tokenisation and
+    residkit's agree.
+
     Example:
         >>> tok = byte_tokenizer()
         >>> tok("hi")["input_ids"]
-        [104, 105]
+        [256, 104, 105]
         >>> tok.decode([104, 105])
         'hi'
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
@@ -356,6 +360,9 @@ def byte_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|bos|>", "<|eos|>", "<|pad|>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B", special_tokens=[("<|bos|>", BOS_ID)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|bos|>",

