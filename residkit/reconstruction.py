@@ -85,8 +85,8 @@ def recompute_kv(
         >>> model = residkit.load("zoo:qwen3")
         >>> resid = residkit.capture_residuals(model, "abc", layers=[1])[0]
         >>> k, v = recompute_kv(model, 1, resid, positions=range(resid.shape[1]))
-        >>> k.shape
-        torch.Size([1, 2, 3, 16])
+        >>> k.shape  # batch, n_kv_heads, BOS + 3 bytes, d_head
+        torch.Size([1, 2, 4, 16])
     """
     n = model.cfg.n_layers
     if not 0 <= layer < n:
