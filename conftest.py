@@ -15,8 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from jaxtyping import install_import_hook
 
-# Tiny test models do GEMMs of a few thousand FLOPs: thread hand-off costs more than it saves
-# (measured: the policy comparison 6 s on 1 thread vs 69 s on 2 on a busy 2-core machine).
+# Tiny test models do GEMMs of a few thousand FLOPs: thread hand-off costs more than it saves,
+# and two threads contend badly on a shared 2-core machine.
 torch.set_num_threads(1)
 
 # Left installed for the whole session on purpose: residkit modules imported later are checked too.

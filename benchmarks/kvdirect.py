@@ -59,9 +59,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import residkit
 from residkit import KVDirect, zoo
-from residkit._compat import check_bridge_writes_cache
-from residkit._recompute import KVProjector, _project, _runs
 from residkit.policies import FullCache, MemoryStats, NoCache
+from residkit.projector import KVProjector, project_rows, run_sizes
 
 
 class Probe:
@@ -88,7 +87,7 @@ class Probe:
 def kv_projection_seconds(model, length: int) -> float:
     """Best hot-loop time of block 0's K and V projections, issued as the recompute issues them.
 
-    ``length`` is a span length of ``residkit._recompute._runs``: ``M > 0`` rows as one GEMM,
+    ``length`` is a span length of ``residkit.projector.run_sizes``: ``M > 0`` rows as one GEMM,
     or ``-r``, a run of ``r`` single-token chunks (one batched GEMM of ``r`` M = 1 problems).
     """
     attn = model.blocks[0].attn
@@ -98,7 +97,7 @@ def kv_projection_seconds(model, length: int) -> float:
     with torch.no_grad():
         for _ in range(100 if abs(length) < 64 else 30):
             t0 = time.perf_counter()
-            _project(k, x, 0, length), _project(v, x, 0, length)
+            project_rows(k, x, 0, length), project_rows(v, x, 0, length)
             best = min(best, time.perf_counter() - t0)
     return best
 
@@ -117,7 +116,7 @@ class GemmShapes:
         def counted(projector: KVProjector, layer: int, residual: Any, *a: Any, **k: Any) -> Any:
             chunks = k.get("chunks")
             self.counts.update(
-                [n for _, n in _runs(chunks)] if chunks is not None else [residual.shape[-2]]
+                [n for _, n in run_sizes(chunks)] if chunks is not None else [residual.shape[-2]]
             )
             return call(projector, layer, residual, *a, **k)
 
@@ -216,7 +215,6 @@ def main() -> None:
     model = residkit.load(
         zoo.build("llama", size="tiny") if args.tiny else zoo.build("llama", config="smollm2-135m")
     )
-    check_bridge_writes_cache(model)
     hf_cfg, cfg = model.original_model.config, model.cfg
     torch.manual_seed(0)
     prompt = torch.randint(0, hf_cfg.vocab_size, (1, args.prompt))

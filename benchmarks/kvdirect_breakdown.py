@@ -26,8 +26,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import residkit
 from residkit import KVDirect, zoo
-from residkit._hooks import replaced_forward
-from residkit._recompute import KVProjector
+from residkit._bridge import replaced_forward
+from residkit.projector import KVProjector
 
 
 def timed(fn: Callable[..., Any], bucket: dict[str, float], key: str) -> Callable[..., Any]:

@@ -16,14 +16,8 @@ from residkit.capture import capture_residuals
 from residkit.comparison import PolicyComparison, compare_policies, kept_positions
 from residkit.generation import Chat, Generation, generate, generate_kvdirect
 from residkit.loading import ModelNotFoundError, load
-from residkit.patching import (
-    CrossTaskReport,
-    MarkovReport,
-    cross_task_suite,
-    markov_test,
-    patch_residual,
-    patching_sweep,
-)
+from residkit.markov import CrossTaskReport, MarkovReport, cross_task_suite, markov_test
+from residkit.patching import patch_residual, patching_sweep
 from residkit.policies import (
     H2O,
     TOVA,
@@ -36,6 +30,7 @@ from residkit.policies import (
     Window,
 )
 from residkit.reconstruction import KVReport, kv_reconstruction_report, recompute_kv
+from residkit.registry import ModelFetchError
 from residkit.spectra import QKSpectra, qk_spectra
 from residkit.verify import verify
 
@@ -54,6 +49,7 @@ __all__ = [
     "KVDirect",
     "KVReport",
     "MarkovReport",
+    "ModelFetchError",
     "ModelNotFoundError",
     "NoCache",
     "PolicyComparison",

@@ -21,10 +21,12 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from transformer_lens.model_bridge import TransformerBridge
+
+from residkit._bridge.model import hf_config, is_bridge
 
 __all__ = [
     "ARCH_TABLE",
@@ -57,7 +59,6 @@ class ArchSpec:
         attn_norm_path: Path, inside a decoder layer, of the norm whose output feeds Q/K/V, or
             None when the layer feeds the raw residual (OLMo 2 normalises after attention).
         norm_offset: Added to the norm gain (Gemma's RMSNorm multiplies by ``1 + w``).
-        parallel_block: Attention and MLP both read the block input (GPT-NeoX).
         window_rule: How sliding-window layers are declared in the HF config:
             ``"layer_types"`` (per-layer list), ``"all_layers"`` (one ``sliding_window``
             applying to every layer) or ``"none"``.
@@ -67,8 +68,6 @@ class ArchSpec:
             K and V never read: ``"empty"`` (zero heads, so neither Q's GEMM nor its rotary
             runs) or ``"zeros"`` (Q's full shape: the joint-QKV bridges infer ``d_head`` from Q's
             width, and OLMo 2 normalises Q over its full width).
-        bypass_inputs: Inputs a block reads that do not come through the residual stream
-            (e.g. Gemma 3n per-layer token embeddings). Empty for every supported family.
         notes: One line on what makes the family interesting here.
     """
 
@@ -81,7 +80,6 @@ class ArchSpec:
     k_norm: Literal["per_head", "full"] | None = None
     attn_norm_path: str | None = "input_layernorm"
     norm_offset: float = 0.0
-    parallel_block: bool = False
     window_rule: Literal["layer_types", "all_layers", "none"] = "none"
     key_hook: str | None = "blocks.{layer}.attn.hook_rot_k"
     pre_rotary_key_hook: str = "blocks.{layer}.attn.hook_k"
@@ -90,9 +88,7 @@ class ArchSpec:
     resid_pre_hook: str = "blocks.{layer}.hook_resid_pre"
     final_resid_hook: str = "ln_final.hook_in"
     query_placeholder: Literal["empty", "zeros"] = "empty"
-    bypass_inputs: tuple[str, ...] = ()
     notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def layer_types_field(self) -> str | None:
@@ -168,7 +164,6 @@ _ROWS = [
         layers_path="gpt_neox.layers",
         rotary_path="gpt_neox.rotary_emb",
         position="partial_rotary",
-        parallel_block=True,
         key_hook=None,
         query_placeholder="zeros",
         notes="parallel attention + MLP, rotary on 25% of each head",
@@ -202,11 +197,6 @@ def supported() -> tuple[str, ...]:
     return tuple(ARCH_TABLE)
 
 
-def hf_config(model: TransformerBridge) -> Any:
-    """The HF config of the model a bridge wraps."""
-    return model.original_model.config
-
-
 def spec_for(model: TransformerBridge | Any) -> ArchSpec:
     """The :class:`ArchSpec` row of a bridge (or of an HF config / model).
 
@@ -214,8 +204,8 @@ def spec_for(model: TransformerBridge | Any) -> ArchSpec:
         UnsupportedArchitectureError: the family has no row; the message lists the rows.
     """
     config = getattr(model, "config", None)
-    if isinstance(model, TransformerBridge):
-        config = model.original_model.config
+    if is_bridge(model):
+        config = hf_config(model)
     elif config is None:
         config = model  # an HF config object
     model_type = getattr(config, "model_type", None)

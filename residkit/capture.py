@@ -12,7 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._hooks import temporary_hooks
+from residkit._bridge import temporary_hooks
 from residkit.architectures import spec_for
 
 __all__ = ["Inputs", "capture_residuals", "check_layers", "to_tokens"]

@@ -23,7 +23,6 @@ full, so its KL is 0 for every policy; the differences start at step 1.
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -34,10 +33,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit.architectures import hf_config, spec_for
+from residkit._bridge import hf_config, n_kv_heads
+from residkit._validate import non_negative_int, positive_int
+from residkit.architectures import spec_for
 from residkit.capture import to_tokens
 from residkit.generation.engine import Generation, Sampler, decode_loop, generate
-from residkit.patching import kl_divergence
+from residkit.metrics import kl_divergence
 from residkit.policies.base import CachePolicy
 from residkit.policies.h2o import H2O
 from residkit.policies.kvdirect import KVDirect
@@ -46,24 +47,15 @@ from residkit.policies.streaming import StreamingLLM
 from residkit.policies.tova import TOVA
 from residkit.policies.window import Window
 
-if TYPE_CHECKING:
-    from residkit.verify import Check, VerifyContext
-
-__all__ = [
-    "POLICIES",
-    "PolicyComparison",
-    "baselines_section",
-    "compare_policies",
-    "kept_positions",
-]
+__all__ = ["POLICIES", "PolicyComparison", "compare_policies", "kept_positions"]
 
 PolicyFactory = Callable[[int], CachePolicy]
 
 POLICIES: dict[str, PolicyFactory] = {
     "window": Window,
-    "streaming": lambda b: StreamingLLM(b, sinks=min(4, b // 2)),
+    "streaming": lambda b: StreamingLLM(b, n_sink=min(4, b // 2)),
     "h2o": H2O,
-    "snapkv": lambda b: SnapKV(b, window=max(1, min(32, b // 2))),
+    "snapkv": lambda b: SnapKV(b, window_size=max(1, min(32, b // 2))),
     "tova": TOVA,
     "kvdirect": KVDirect,
 }
@@ -82,13 +74,18 @@ class PolicyComparison:
     """The result of :func:`compare_policies`.
 
     Attributes:
-        table: One row per (policy, budget): ``token_match`` (%), ``mean_kl``, ``max_kl``,
-            ``peak_active_kv_bytes`` and ``peak_checkpoint_bytes`` (largest over prompts).
+        rows: One dict per (policy, budget); see :attr:`table`.
         steps: One row per (policy, budget, prompt, step): ``match`` (bool) and ``kl``.
     """
 
-    table: pd.DataFrame
+    rows: list[dict[str, object]]
     steps: pd.DataFrame
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per (policy, budget): ``token_match`` (%), ``mean_kl``, ``max_kl``,
+        ``peak_active_kv_bytes`` and ``peak_checkpoint_bytes`` (largest over prompts)."""
+        return pd.DataFrame(self.rows)
 
     def figure(self) -> go.Figure:
         """Two heatmaps over (budget, policy): token match (%) above, mean KL below."""
@@ -154,19 +151,19 @@ def compare_policies(
     *,
     budgets: Sequence[int],
     policies: Sequence[str | PolicyFactory] | None = None,
-    max_new_tokens: int = 30,
+    max_new_tokens: int = 32,
     progress: bool = True,
 ) -> PolicyComparison:
     """Token match (%) and KL against the full cache, per policy and budget.
 
-    See the module docstring for the definitions. KV-Direct is always in the comparison.
+    See the module docstring for the definitions.
 
     Args:
         model: A bridge from :func:`residkit.load`.
         prompts: One prompt or a list (strings or token ids).
         budgets: K/V budgets (tokens per global layer), each a non-negative int.
         policies: Names from :data:`POLICIES` or callables ``budget -> CachePolicy``;
-            default every name. ``"kvdirect"`` is added when no entry makes a KVDirect.
+            default every name (the five baselines and ``"kvdirect"``).
         max_new_tokens: Positions compared per prompt.
         progress: Show a tqdm bar.
 
@@ -183,29 +180,25 @@ def compare_policies(
         >>> from residkit.comparison import compare_policies
         >>> model = residkit.load("zoo:llama")
         >>> cmp = compare_policies(
-        ...     model, "abcdefgh", budgets=[2], policies=["window"], max_new_tokens=4, progress=False
+        ...     model, "abcdefgh", budgets=[2], policies=["window", "kvdirect"],
+        ...     max_new_tokens=4, progress=False,
         ... )
-        >>> cmp.table["policy"].tolist()  # KV-Direct is always added
+        >>> cmp.table["policy"].tolist()
         ['window', 'kvdirect']
         >>> kvd = cmp.table[cmp.table["policy"] == "kvdirect"]
         >>> kvd["token_match"].item(), kvd["mean_kl"].item()
         (100.0, 0.0)
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    positive_int("max_new_tokens", max_new_tokens)
     budgets = list(budgets)
     if not budgets:
         raise ValueError("budgets is empty; pass at least one K/V budget")
     for b in budgets:
-        if not isinstance(b, int) or isinstance(b, bool) or b < 0:
-            raise ValueError(f"every budget must be a non-negative int, got {b!r}")
+        non_negative_int("budget", b)
     factories = _resolve(policies)
     items = _prompt_list(prompts)
     # Build every policy first, so a bad (policy, budget) pair fails before any decoding.
     grid = [[factory(b) for b in budgets] for _, factory in factories]
-    if not any(isinstance(p, KVDirect) for row in grid for p in row):
-        factories.append(("kvdirect", KVDirect))
-        grid.append([KVDirect(b) for b in budgets])
     labels: list[str] = []
     for (name, _), row in zip(factories, grid, strict=True):
         base = name or row[0].name
@@ -265,7 +258,7 @@ def compare_policies(
                 }
             )
     bar.close()
-    return PolicyComparison(table=pd.DataFrame(rows), steps=pd.DataFrame(steps))
+    return PolicyComparison(rows=rows, steps=pd.DataFrame(steps))
 
 
 @torch.no_grad()
@@ -299,14 +292,14 @@ def kept_positions(
     try:
         logits = session.prefill(tokens)
         new, _ = decode_loop(session, logits, max_new_tokens, Sampler(), eos=None)
-        per_layer = getattr(session, "kept_positions", None)
+        per_layer = getattr(session, "held_positions", None)
         kept = per_layer() if per_layer is not None else None
     finally:
         session.close()
     if kept is None:
         fed = tokens.shape[1] + len(new) - 1
         sliding = set(spec_for(model).sliding_layers(hf_config(model)))
-        n_kv = int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+        n_kv = n_kv_heads(model)
         everything = torch.arange(fed).expand(1, n_kv, fed)
         kept = {layer: everything for layer in range(model.cfg.n_layers) if layer not in sliding}
     rows = [
@@ -316,32 +309,3 @@ def kept_positions(
         for pos in positions[0, head].tolist()
     ]
     return pd.DataFrame(rows, columns=["layer", "kv_head", "position"])
-
-
-def baselines_section(model: TransformerBridge, ctx: "VerifyContext") -> "list[Check]":
-    """``residkit verify`` rows: every baseline and KV-Direct at budget 4, 12 tokens, one prompt.
-
-    KV-Direct's row is a claim (100% token match, KL exactly 0.0); the baselines' rows are
-    information (how lossy each is on this model).
-    """
-    from residkit._hooks import hook_count
-    from residkit.verify import Check
-
-    before = hook_count(model)
-    cmp = compare_policies(model, ctx.prompts[1], budgets=[4], max_new_tokens=12, progress=False)
-    figure = ctx.save(cmp.figure(), "eviction_vs_kvdirect")
-    checks = []
-    for row in cmp.table.itertuples():
-        exact = row.token_match == 100.0 and row.mean_kl == 0.0 and row.max_kl == 0.0
-        checks.append(
-            Check(
-                "baselines",
-                f"{row.policy} budget={row.budget} vs full cache (12 tokens)",
-                f"token match {row.token_match:.1f}%, mean KL {row.mean_kl:.3g}, max KL {row.max_kl:.3g}",
-                exact if row.policy == "kvdirect" else None,
-                figure if row.policy == "kvdirect" else None,
-            )
-        )
-    added = hook_count(model) - before
-    checks.append(Check("baselines", "no hooks left on the model", f"{added} added", added == 0))
-    return checks

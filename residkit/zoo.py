@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from residkit._paths import home
-from residkit.paper_configs import PAPER_CONFIGS
 
 __all__ = [
     "ARCHITECTURES",
@@ -40,6 +39,20 @@ __all__ = [
     "cache_root",
     "config_for",
 ]
+
+
+def _paper_configs() -> dict[str, dict[str, Any]]:
+    from importlib.resources import files
+
+    text = files("residkit").joinpath("data/paper_configs.json").read_text()
+    return dict(json.loads(text)["models"])
+
+
+PAPER_CONFIGS: dict[str, dict[str, Any]] = _paper_configs()
+"""The paper's seven published model shapes (``residkit/data/paper_configs.json``): per key,
+``family``, ``hf_id``, ``source``, ``dtype``, ``notes`` (which verbatim copies of config.json
+each was read from), ``field_notes`` (where a value not in config.json comes from) and
+``config`` (HF config kwargs as published)."""
 
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
 VOCAB_SIZE = 259  # 256 bytes + bos, eos, pad: ids 0..255 are the bytes themselves.

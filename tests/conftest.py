@@ -1,6 +1,8 @@
 """Tiny zoo models and the real models, loaded once per session and never mutated by a test."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
 
 import pytest
 import torch
@@ -8,7 +10,8 @@ from transformer_lens.model_bridge import TransformerBridge
 
 import residkit
 from residkit import zoo
-from residkit._hooks import hook_count
+from residkit._bridge import hook_count
+from residkit.generation import Generation
 
 FAMILIES = list(zoo.ARCHITECTURES)
 
@@ -21,6 +24,37 @@ def get_model(arch: str, dtype: torch.dtype = torch.float32) -> TransformerBridg
     if key not in _MODELS:
         _MODELS[key] = residkit.load(zoo.build(arch, size="tiny"), dtype=dtype)
     return _MODELS[key]
+
+
+@cache
+def get_hf(arch: str) -> torch.nn.Module:
+    """The session's pure-HF copy of the tiny ``arch`` checkpoint, the one reference loader.
+
+    Eager attention, as the bridge uses: HF's default sdpa differs from it in the last bits.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = zoo.build(arch, size="tiny")
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+
+
+_REFERENCES: dict[tuple[str, tuple[int, ...], int], Generation] = {}
+
+
+def full_reference(arch: str, tokens: torch.Tensor, max_new_tokens: int) -> Generation:
+    """Full-cache greedy decoding of ``tokens`` on the tiny ``arch`` model, logits kept, EOS
+    ignored: computed once per (family, prompt, length) and shared by every test comparing
+    a policy against it."""
+    key = (arch, tuple(tokens.flatten().tolist()), max_new_tokens)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = residkit.generate(
+            get_model(arch),
+            tokens,
+            max_new_tokens=max_new_tokens,
+            return_logits=True,
+            stop_at_eos=False,
+        )
+    return _REFERENCES[key]
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +82,20 @@ def real(request: pytest.FixtureRequest) -> TransformerBridge:
 @pytest.fixture(params=FAMILIES)
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@contextmanager
+def raises_naming(name: str, value: object) -> Iterator[None]:
+    """Expect a TypeError or ValueError whose message names the argument and its value.
+
+    An argument with a ``Literal`` or ``int`` annotation meets the run-time type checker this
+    test session installs (a TypeError) before residkit's own check (a ValueError) would see
+    it; a user gets the latter. Both must name the argument and the value.
+    """
+    with pytest.raises((TypeError, ValueError)) as err:
+        yield
+    message = str(err.value)
+    assert name in message and repr(value) in message, message
 
 
 @pytest.fixture

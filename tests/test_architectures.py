@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import residkit
+from residkit._bridge import hf_config, hf_model, layer_kv
 from residkit.architectures import ARCH_TABLE, UnsupportedArchitectureError, spec_for
 
 
@@ -24,12 +25,11 @@ def test_key_hook_is_what_attention_consumes(family: str, model_for) -> None:
     spec = spec_for(model)
     tokens = model.to_tokens("keys are projections of the residual stream")
     _, cache = model.run_with_cache(tokens)
-    hf_cache = model.original_model(tokens, use_cache=True).past_key_values
+    hf_cache = hf_model(model)(tokens, use_cache=True).past_key_values
     for layer in range(model.cfg.n_layers):
-        keys = hf_cache.layers[layer].keys  # [batch, kv_heads, pos, d_head]
-        values = hf_cache.layers[layer].values
+        keys, values = layer_kv(hf_cache, layer)  # [batch, kv_heads, pos, d_head]
         kept = keys.shape[2]  # sliding-window layers keep only the window's tail
-        if layer in spec.sliding_layers(model.original_model.config):
+        if layer in spec.sliding_layers(hf_config(model)):
             assert kept < tokens.shape[1]
         hook_v = cache[spec.value_hook.format(layer=layer)].transpose(1, 2)[:, :, -kept:]
         assert torch.equal(hook_v, values)
@@ -51,7 +51,3 @@ def test_sliding_layers() -> None:
     assert ARCH_TABLE["mistral"].sliding_layers(zoo.config_for("mistral-swa")) == (0, 1, 2, 3)
     assert ARCH_TABLE["mistral"].sliding_layers(zoo.config_for("mistral")) == ()
     assert ARCH_TABLE["llama"].sliding_layers(zoo.config_for("llama")) == ()
-
-
-def test_no_supported_family_bypasses_the_residual_stream() -> None:
-    assert all(spec.bypass_inputs == () for spec in ARCH_TABLE.values())

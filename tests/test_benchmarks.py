@@ -65,14 +65,6 @@ def test_spectra_benchmark_runs() -> None:
     assert float(line.split("= ")[1].split()[0]) < 1e-10, line
 
 
-def test_overlap_benchmark_runs() -> None:
-    out = _run(
-        "kvdirect_overlap.py",
-        *("--tiny", "--steps", "3", "--rows", "8", "--prompt", "16", "--repeats", "1"),
-    )
-    assert "share of the recompute hidden by running it concurrently" in out
-
-
 def test_gemm_rows_runs() -> None:
     out = _run("gemm_rows.py", "--tiny")
     assert out.count("| SmolLM2-135M K+V (576 -> 384) |") == 2  # 1 and 2 threads

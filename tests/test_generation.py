@@ -2,40 +2,30 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import residkit
-from residkit import zoo
 from residkit.generation import generate
 from residkit.policies import FullCache, NoCache
+from tests.conftest import get_hf
 
 PROMPT = "The residual stream is all you need because"
-
-_HF: dict[str, torch.nn.Module] = {}
-
-
-def hf_model(arch: str) -> torch.nn.Module:
-    """A separately loaded pure-HF copy of the same checkpoint (eager attention, like the bridge)."""
-    if arch not in _HF:
-        path = zoo.build(arch, size="tiny")
-        _HF[arch] = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
-    return _HF[arch]
 
 
 def test_no_cache_equals_full_cache_equals_hf(family: str, model_for, no_leaked_hooks) -> None:
     model = model_for(family)
     with no_leaked_hooks(model):
-        full = generate(model, PROMPT, max_new_tokens=32, cache="full", return_logits=True)
-        none = generate(model, PROMPT, max_new_tokens=32, cache="none", return_logits=True)
+        full = generate(model, PROMPT, max_new_tokens=32, policy="full", return_logits=True)
+        none = generate(model, PROMPT, max_new_tokens=32, policy="none", return_logits=True)
     tokens = model.to_tokens(PROMPT)
     with torch.no_grad():
-        ref = hf_model(family).generate(tokens, do_sample=False, max_new_tokens=32)[
+        ref = get_hf(family).generate(tokens, do_sample=False, max_new_tokens=32)[
             0, tokens.shape[1] :
         ]
     assert torch.equal(full.tokens, none.tokens)
     assert torch.equal(full.tokens, ref)
     assert len(full.tokens) == len(ref) > 0
-    # Token identity is not logit identity: the no-cache path runs other GEMM shapes.
+    # Token identity is not logit identity: the no-cache path runs other GEMM shapes, so the
+    # logits differ by float32 rounding (1e-6 relative on these O(1)-10 logits), far below 1e-3.
     assert (full.logits - none.logits).abs().max().item() < 1e-3
 
 
@@ -43,7 +33,7 @@ def test_sampling_with_a_seed_is_reproducible(model_for) -> None:
     model = model_for("llama")
     a = generate(model, PROMPT, max_new_tokens=16, do_sample=True, seed=3, top_k=20, top_p=0.9)
     b = generate(
-        model, PROMPT, max_new_tokens=16, do_sample=True, seed=3, top_k=20, top_p=0.9, cache="none"
+        model, PROMPT, max_new_tokens=16, do_sample=True, seed=3, top_k=20, top_p=0.9, policy="none"
     )
     c = generate(model, PROMPT, max_new_tokens=16, do_sample=True, seed=4, top_k=20, top_p=0.9)
     assert torch.equal(a.tokens, b.tokens)
@@ -78,7 +68,7 @@ def test_full_cache_bytes_match_the_formula(model_for) -> None:
         ({"temperature": 0.0, "do_sample": True}, "temperature must be > 0"),
         ({"top_k": 0}, "top_k must be >= 1"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
-        ({"cache": "paged"}, "unknown cache policy 'paged'"),
+        ({"policy": "paged"}, "unknown cache policy 'paged'"),
         ({"max_new_tokens": 5000}, "exceeds the model's context of 2048"),
     ],
 )
@@ -86,6 +76,15 @@ def test_bad_input(kwargs, message, model_for, no_leaked_hooks) -> None:
     model = model_for("llama")
     with no_leaked_hooks(model), pytest.raises(ValueError, match=message):
         generate(model, PROMPT, **kwargs)
+
+
+def test_cache_is_a_deprecated_name_of_policy(model_for) -> None:
+    model = model_for("llama")
+    with pytest.warns(DeprecationWarning, match="pass policy="):
+        old = generate(model, PROMPT, max_new_tokens=4, cache="none")
+    assert torch.equal(old.tokens, generate(model, PROMPT, max_new_tokens=4, policy="none").tokens)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="not both"):
+        generate(model, PROMPT, max_new_tokens=4, cache="none", policy=FullCache())
 
 
 def test_empty_prompt(model_for) -> None:

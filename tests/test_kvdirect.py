@@ -4,11 +4,10 @@ import pytest
 import torch
 
 import residkit
-from residkit import KVDirect, zoo
+from residkit import KVDirect
 from residkit.generation import generate, generate_kvdirect
-from residkit.generation.chat import Chat
-from residkit.policies import per_token_bytes
 from residkit.policies.kvdirect import ResidualCheckpoints
+from tests.conftest import full_reference, get_hf, get_model, raises_naming
 
 TEXT = "The residual stream is all you need, says the paper; we check it here, live, now."
 N_NEW = 48
@@ -22,10 +21,8 @@ def _prompt(model) -> torch.Tensor:
 PROMPT = TEXT[:63]
 
 
-def _full(model):
-    return generate(
-        model, _prompt(model), max_new_tokens=N_NEW, return_logits=True, stop_at_eos=False
-    )
+def _full(family: str):
+    return full_reference(family, _prompt(get_model(family)), N_NEW)
 
 
 @pytest.mark.parametrize("budget", [1, 4, 16, 100])
@@ -33,7 +30,7 @@ def test_exact_layer_mode_is_bitwise(family: str, budget: int, model_for, no_lea
     model = model_for(family)
     prompt = _prompt(model)
     assert prompt.shape[1] == 64
-    full = _full(model)
+    full = _full(family)
     with no_leaked_hooks(model):
         kvd = generate_kvdirect(
             model,
@@ -50,16 +47,15 @@ def test_exact_layer_mode_is_bitwise(family: str, budget: int, model_for, no_lea
 
 
 def test_tokens_equal_hf_generate(family: str, model_for) -> None:
-    from transformers import AutoModelForCausalLM
-
     """Full cache == HF generate here; KV-Direct == full cache at every budget (test above)."""
     model = model_for(family)
-    hf = AutoModelForCausalLM.from_pretrained(zoo.build(family), attn_implementation="eager").eval()
     tokens = _prompt(model)
     with torch.no_grad():
-        ref = hf.generate(tokens, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW)
+        ref = get_hf(family).generate(
+            tokens, do_sample=False, max_new_tokens=N_NEW, min_new_tokens=N_NEW
+        )
     kvd = generate_kvdirect(model, tokens, max_new_tokens=N_NEW, budget=4, stop_at_eos=False)
-    full = _full(model)
+    full = _full(family)
     # min_new_tokens masks EOS in HF; compare while the reference did not need that mask.
     eos = model.tokenizer.eos_token_id
     stop = next((i for i, t in enumerate(full.tokens.tolist()) if t == eos), N_NEW)
@@ -185,38 +181,10 @@ def test_sliding_layers_keep_no_checkpoints(model_for) -> None:
     assert gen.stats.checkpoint_bytes == fed * 2 * model.cfg.d_model * 4  # 2 global layers
 
 
-def test_per_token_bytes_accounting() -> None:
-    smol = per_token_bytes(zoo.config_for("llama", config="smollm2-135m"))
-    assert smol["kv_all_layers"] == 30 * 384 * 2
-    assert smol["residual_per_global_layer"] == 30 * 576 * 2  # more than the K/V it replaces
-    g4 = per_token_bytes(zoo.config_for("gemma3", config="gemma-3-4b"))
-    assert (g4["kv_all_layers"], g4["residual_one"]) == (139_264, 5_120)
-    assert g4["residual_per_global_layer"] == 5 * 5_120  # only the 5 global layers
-
-
-def test_chat_keeps_state_with_bounded_memory(model_for, no_leaked_hooks) -> None:
-    model = model_for("llama")
-    budget = 8
-    with no_leaked_hooks(model):
-        kvd, full = Chat(model, KVDirect(budget)), Chat(model, "full")
-        for turn in ["Hello there.", "What is 2 + 2?", "Thanks, bye."]:
-            assert kvd.send(turn, max_new_tokens=6) == full.send(turn, max_new_tokens=6)
-    mem = kvd.memory()
-    cfg = model.cfg
-    assert len(mem) == 3 and mem["tokens_total"].is_monotonic_increasing
-    assert (
-        mem["active_kv_bytes"] <= budget * cfg.n_layers * 2 * cfg.n_key_value_heads * cfg.d_head * 4
-    ).all()
-    assert (full.memory()["active_kv_bytes"] > mem["active_kv_bytes"]).iloc[-1]
-    assert len(kvd.figure().data) == 2
-
-
 @pytest.mark.parametrize(
     ("make", "message"),
     [
         (lambda: KVDirect(-1), "budget must be a non-negative int, got -1"),
-        (lambda: KVDirect(4, checkpoint="stride"), "unknown checkpoint 'stride'"),
-        (lambda: KVDirect(4, mode="approx"), "unknown mode 'approx'"),
     ],
 )
 def test_bad_policy(make, message) -> None:
@@ -230,7 +198,6 @@ def test_bad_policy(make, message) -> None:
         ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
         ({"budget": -3}, "budget must be a non-negative int"),
         ({"max_new_tokens": 3000}, "exceeds the model's context"),
-        ({"checkpoint": "stride"}, "unknown checkpoint"),
     ],
 )
 def test_bad_input(kwargs, message, model_for, no_leaked_hooks) -> None:
@@ -239,26 +206,28 @@ def test_bad_input(kwargs, message, model_for, no_leaked_hooks) -> None:
         generate_kvdirect(model, PROMPT, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "name", "value"),
+    [
+        ({"checkpoint": "everywhere"}, "checkpoint", "everywhere"),
+        ({"mode": "approx"}, "mode", "approx"),
+    ],
+)
+def test_unknown_checkpoint_or_mode(
+    kwargs, name: str, value: str, model_for, no_leaked_hooks
+) -> None:
+    model = model_for("llama")
+    with raises_naming(name, value):
+        KVDirect(4, **kwargs)
+    with no_leaked_hooks(model), raises_naming(name, value):
+        generate_kvdirect(model, PROMPT, **kwargs)
+
+
 def test_hooks_removed_when_a_forward_raises(model_for, no_leaked_hooks) -> None:
     model = model_for("llama")
     with no_leaked_hooks(model), pytest.raises(IndexError):
         generate_kvdirect(model, torch.tensor([[1, 2, 10_000]]), max_new_tokens=3, budget=1)
     assert residkit.generate_kvdirect is generate_kvdirect
-
-
-@pytest.mark.parametrize(
-    ("text", "n", "message"),
-    [
-        ("", 4, "empty message"),
-        ("hi", 0, "max_new_tokens must be >= 1, got 0"),
-        ("hi", 5000, "beyond the model's context"),
-    ],
-)
-def test_chat_bad_input(text: str, n: int, message: str, model_for, no_leaked_hooks) -> None:
-    model = model_for("llama")
-    chat = Chat(model, KVDirect(4))
-    with no_leaked_hooks(model), pytest.raises(ValueError, match=message):
-        chat.send(text, max_new_tokens=n)
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])

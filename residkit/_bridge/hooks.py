@@ -1,8 +1,11 @@
-"""Hook bookkeeping shared by every experiment.
+"""Hook bookkeeping: adding, muting and counting hooks on a bridge.
 
 residkit adds hooks only inside context managers and removes them in ``finally`` blocks;
-these helpers make that checkable (``hook_count``) and let internal recomputation run
-without firing the user's hooks (``muted_hook_points``).
+these helpers make that checkable (:func:`hook_count`) and let internal recomputation run
+without firing the user's hooks (:func:`muted`). They rely on two facts about TransformerLens
+and torch, both named in :mod:`residkit._bridge.contract`: a ``HookPoint`` keeps its hooks in
+torch's ``_forward_hooks`` / ``_forward_pre_hooks`` dicts (plus TransformerLens's ``fwd_hooks``
+list), and a bridge component's ``forward`` can be replaced per instance.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 __all__ = [
+    "OURS",
     "hook_count",
     "hook_points",
     "muted",
@@ -25,31 +29,45 @@ __all__ = [
     "temporary_hooks",
 ]
 
+OURS: set[Callable[..., Any]] = set()
+"""Plain torch hook functions residkit registers itself (counted by :func:`hook_count`)."""
+
 
 def hook_count(model: nn.Module) -> int:
     """Hooks and overrides residkit could leave behind on ``model``.
 
-    Counts every PyTorch hook on TransformerLens ``HookPoint``s (where user and residkit hooks
-    live) and every instance-level ``forward`` override on any submodule. The bridge wires
-    some PyTorch hooks of its own on other modules at its first forward; those are not ours
-    and are not counted. Tests compare this before and after every public call.
+    Counts every hook on TransformerLens ``HookPoint``s (where user and residkit hooks live;
+    TransformerLens also lists each in ``fwd_hooks``, which is not counted twice),
+    every plain torch hook residkit registers elsewhere (:data:`OURS`), and every
+    instance-level ``forward`` override on any submodule. The bridge wires torch hooks of its
+    own on other modules at its first forward; those are not ours and are not counted. Tests
+    compare this before and after every public call.
+
+    Example:
+        >>> import residkit
+        >>> model = residkit.load("zoo:llama")
+        >>> before = hook_count(model)
+        >>> with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda act, hook: None)]):
+        ...     hook_count(model) - before
+        1
+        >>> hook_count(model) - before
+        0
     """
     total = 0
     for module in model.modules():
         if isinstance(module, HookPoint):
             total += len(module._forward_hooks) + len(module._forward_pre_hooks)
-            total += len(module._backward_hooks) + len(module.fwd_hooks) + len(module.bwd_hooks)
+            total += len(module._backward_hooks) + len(module._backward_pre_hooks)
+        else:
+            hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+            total += sum(hook in OURS for hook in hooks)
         total += "forward" in module.__dict__
     return total
 
 
 @contextmanager
 def temporary_hooks(model: Any, fwd_hooks: list[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
-    """Add TransformerLens forward hooks for the duration of the block, then remove them.
-
-    Thin wrapper over ``TransformerBridge.hooks`` that exists so every module adds hooks the
-    same way (and so a test can assert they are gone after an exception).
-    """
+    """Add TransformerLens forward hooks for the duration of the block, then remove them."""
     with model.hooks(fwd_hooks=fwd_hooks):
         yield
 
@@ -61,9 +79,10 @@ def hook_points(module: nn.Module | None) -> list[HookPoint]:
 
 @contextmanager
 def muted(points: list[HookPoint]) -> Iterator[None]:
-    """Silence the given hook points for the block (see :func:`muted_hook_points`).
+    """Silence the given hook points for the block.
 
     Takes a list so callers that mute the same layer at every decoding step can build it once.
+    Only HookPoints are muted: torch hooks the bridge uses internally keep running.
     """
     saved = [(p, p._forward_hooks, p._forward_pre_hooks) for p in points]
     saved = [entry for entry in saved if entry[1] or entry[2]]
@@ -84,7 +103,6 @@ def muted_hook_points(module: nn.Module) -> Iterator[None]:
 
     Internal recomputation (K/V from checkpoints, for instance) runs the model's own layers;
     a user's hook on ``hook_k`` must see each real forward once, not our recomputes too.
-    Only HookPoints are muted: PyTorch hooks the bridge uses internally keep running.
     """
     with muted(hook_points(module)):
         yield

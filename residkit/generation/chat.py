@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._compat import check_bridge_writes_cache
+from residkit._bridge.contract import check_contract
 from residkit.generation.engine import Sampler, decode_loop, eos_ids, resolve_policy
 from residkit.policies import CachePolicy
 
@@ -64,7 +64,7 @@ class Chat:
         >>> chat = Chat(model, residkit.KVDirect(budget=8))
         >>> reply = chat.send("Hello!", max_new_tokens=4)
         >>> reply = chat.send("And again?", max_new_tokens=4)
-        >>> len(chat.memory()), int(chat.memory().iloc[-1]["active_kv_bytes"]) <= 8 * 4 * 2 * 2 * 16 * 4
+        >>> len(chat.table), int(chat.table.iloc[-1]["active_kv_bytes"]) <= 8 * 4 * 2 * 2 * 16 * 4
         (2, True)
     """
 
@@ -85,7 +85,7 @@ class Chat:
         self.model = model
         self.policy = resolve_policy(policy)
         self.templated = has_template if chat_template is None else chat_template
-        check_bridge_writes_cache(model)
+        check_contract(model)
         self.session = self.policy.open(model)
         self.messages: list[dict[str, str]] = (
             [{"role": "system", "content": system}] if system is not None else []
@@ -117,7 +117,7 @@ class Chat:
         return self.model.to_tokens(text, prepend_bos=None if not self.history else False)
 
     @torch.no_grad()
-    def send(self, text: str, max_new_tokens: int = 64, *, stop_at_eos: bool = True) -> str:
+    def send(self, text: str, max_new_tokens: int = 32, *, stop_at_eos: bool = True) -> str:
         """Feed ``text``, decode up to ``max_new_tokens`` tokens, return the reply text.
 
         Args:
@@ -181,13 +181,14 @@ class Chat:
             return torch.zeros(0, dtype=torch.long)
         return torch.cat(self.history)
 
-    def memory(self) -> pd.DataFrame:
+    @property
+    def table(self) -> pd.DataFrame:
         """One row per turn: tokens, seconds, active K/V bytes and checkpoint bytes after it."""
         return pd.DataFrame([vars(t) for t in self._turns])
 
     def figure(self) -> go.Figure:
         """Active K/V and checkpoint bytes after each turn."""
-        df = self.memory()
+        df = self.table
         fig = go.Figure()
         fig.add_scatter(
             x=df["turn"], y=df["active_kv_bytes"], name="active K/V", mode="lines+markers"

@@ -6,6 +6,7 @@ what attention saw, never in how tokens were chosen.
 """
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -15,9 +16,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._compat import check_bridge_writes_cache
+from residkit._bridge import generation_config
+from residkit._bridge.contract import check_contract
 from residkit.capture import Inputs, to_tokens
-from residkit.policies import CachePolicy, CacheSession, FullCache, MemoryStats, NoCache
+from residkit.policies import CachePolicy, CacheSession, FullCache, KVDirect, MemoryStats, NoCache
+from residkit.policies.kvdirect import Checkpoint, Mode
 
 __all__ = [
     "Generation",
@@ -159,8 +162,7 @@ def eos_ids(model: TransformerBridge) -> set[int]:
     ``generate`` stops on the latter (Gemma lists several)."""
     ids: set[int] = set()
     tok_eos = getattr(model.tokenizer, "eos_token_id", None)
-    config = getattr(model.original_model, "generation_config", None)
-    for e in (tok_eos, getattr(config, "eos_token_id", None)):
+    for e in (tok_eos, getattr(generation_config(model), "eos_token_id", None)):
         ids.update([e] if isinstance(e, int) else list(e or []))
     return ids
 
@@ -195,10 +197,10 @@ def generate_kvdirect(
     model: TransformerBridge,
     prompt: Inputs,
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 32,
     budget: int = 64,
-    checkpoint: str = "layer",
-    mode: str = "exact",
+    checkpoint: Checkpoint = "layer",
+    mode: Mode = "exact",
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -219,8 +221,6 @@ def generate_kvdirect(
         >>> gen.stats.tokens_evicted > 0
         True
     """
-    from residkit.policies import KVDirect
-
     return generate(
         model,
         prompt,
@@ -256,7 +256,7 @@ def generate(
     *,
     max_new_tokens: int = 32,
     policy: CachePolicy | str = "full",
-    cache: str | None = None,
+    cache: CachePolicy | str | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -273,7 +273,7 @@ def generate(
         prompt: One prompt (string or token ids).
         max_new_tokens: How many tokens to generate (fewer if EOS and ``stop_at_eos``).
         policy: A :class:`~residkit.policies.CachePolicy` or ``"full"`` / ``"none"``.
-        cache: Alias of ``policy`` for the names ``"full"`` and ``"none"``.
+        cache: Deprecated name of ``policy`` (a DeprecationWarning; removed in 0.3).
         do_sample: Sample instead of greedy argmax.
         temperature, top_k, top_p: Sampling filters (ignored when greedy).
         seed: Seed of the sampler's own ``torch.Generator`` (same seed, same draws, whatever
@@ -289,19 +289,30 @@ def generate(
     Raises:
         ValueError: bad sampling arguments, unknown policy, empty prompt, or a prompt plus
             ``max_new_tokens`` longer than the model's context.
-        CacheNotWrittenError: the installed transformers / TransformerLens pair does not pass
-            the cache to attention (see :func:`residkit._compat.check_bridge_writes_cache`).
+        BridgeContractError: the installed transformers / TransformerLens pair breaks an
+            assumption residkit relies on (:mod:`residkit._bridge.contract` names it).
 
     Example:
         >>> import residkit
         >>> model = residkit.load("zoo:gpt2")
-        >>> a = residkit.generate(model, "Once upon", max_new_tokens=8, cache="none")
-        >>> b = residkit.generate(model, "Once upon", max_new_tokens=8, cache="full")
+        >>> a = residkit.generate(model, "Once upon", max_new_tokens=8, policy="none")
+        >>> b = residkit.generate(model, "Once upon", max_new_tokens=8, policy="full")
         >>> torch.equal(a.tokens, b.tokens)
         True
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
-    chosen = resolve_policy(cache if cache is not None else policy)
+    if cache is not None:
+        warnings.warn(
+            "generate(cache=...) is deprecated; pass policy=... instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if policy != "full":
+            raise ValueError(
+                f"pass one of policy= and cache=, not both (got policy={policy!r}, cache={cache!r})"
+            )
+        policy = cache
+    chosen = resolve_policy(policy)
     tokens = to_tokens(model, prompt)
     if tokens.shape[0] != 1:
         raise ValueError(f"generate takes one prompt, got a batch of {tokens.shape[0]}")
@@ -321,7 +332,7 @@ def generate(
     eos = eos_ids(model) if stop_at_eos else None
     sampler = Sampler(do_sample, temperature, top_k, top_p, generator)
 
-    check_bridge_writes_cache(model)
+    check_contract(model)
     start = time.perf_counter()
     session = chosen.open(model)
     try:

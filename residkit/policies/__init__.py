@@ -4,7 +4,7 @@ from residkit.policies._eviction import EvictionPolicy
 from residkit.policies.base import CachePolicy, CacheSession, MemoryStats
 from residkit.policies.full import FullCache
 from residkit.policies.h2o import H2O
-from residkit.policies.kvdirect import KVDirect, per_token_bytes
+from residkit.policies.kvdirect import KVDirect
 from residkit.policies.none import NoCache
 from residkit.policies.snapkv import SnapKV
 from residkit.policies.streaming import StreamingLLM
@@ -24,5 +24,4 @@ __all__ = [
     "SnapKV",
     "StreamingLLM",
     "Window",
-    "per_token_bytes",
 ]

@@ -29,35 +29,36 @@ later rows of the same chunk once anything was evicted (single-token steps are u
 """
 
 from abc import abstractmethod
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float, Int, Real
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from residkit._hooks import temporary_hooks
-from residkit.architectures import hf_config, spec_for
+from residkit._bridge import (
+    CacheLayer,
+    cached_forward,
+    hf_config,
+    install,
+    installed,
+    kv_bytes,
+    n_kv_heads,
+    new_cache,
+    temporary_hooks,
+)
+from residkit._validate import non_negative_int
+from residkit.architectures import spec_for
 from residkit.policies.base import CachePolicy, CacheSession
-from residkit.policies.full import kv_bytes
 
 __all__ = [
     "EvictionLayer",
     "EvictionPolicy",
     "EvictionSession",
-    "check_budget",
     "per_kv_head",
     "top_k_sorted",
 ]
-
-
-def check_budget(budget: object) -> int:
-    """``budget`` if it is a non-negative int, else a ValueError naming it."""
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
-        raise ValueError(f"budget must be a non-negative int, got {budget!r}")
-    return budget
 
 
 def top_k_sorted(
@@ -90,7 +91,7 @@ def per_kv_head(
     return pattern.double().view(b, n_kv_heads, h // n_kv_heads, q, k).sum(2)
 
 
-class EvictionLayer(DynamicLayer):
+class EvictionLayer(CacheLayer):
     """A global layer's cache: kept K/V, their absolute positions, and optional scores.
 
     Attributes:
@@ -105,16 +106,13 @@ class EvictionLayer(DynamicLayer):
         self.positions: Tensor | None = None
         self.scores: Tensor | None = None
 
-    def update(
-        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[Tensor, Tensor]:
+    def append(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
         b, h, q, _ = key_states.shape
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+        if self.positions is None:
             self.keys = key_states.new_zeros(b, h, 0, key_states.shape[-1])
             self.values = value_states.new_zeros(b, h, 0, value_states.shape[-1])
             self.positions = torch.zeros(b, h, 0, dtype=torch.long, device=key_states.device)
-        assert self.positions is not None and self.keys is not None and self.values is not None
+        assert self.keys is not None and self.values is not None
         new = torch.arange(self.seen, self.seen + q, device=key_states.device)
         self.positions = torch.cat([self.positions, new.expand(b, h, q)], dim=-1)
         if self.scores is not None:
@@ -129,10 +127,10 @@ class EvictionLayer(DynamicLayer):
         """Tokens currently held."""
         return 0 if self.positions is None else self.positions.shape[-1]
 
-    def get_seq_length(self) -> int:
+    def tokens_seen(self) -> int:
         return self.seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Called before update(): see the module docstring for why the offset is seen - kept.
         kept = self.kept()
         return kept + query_length, self.seen - kept
@@ -148,13 +146,19 @@ class EvictionLayer(DynamicLayer):
             self.scores = self.scores.gather(2, index)
 
 
+@dataclass(frozen=True)
 class EvictionPolicy(CachePolicy):
-    """Base of the eviction baselines: a budget and a rule choosing which tokens to keep."""
+    """Base of the eviction baselines: a budget and a rule choosing which tokens to keep.
 
-    needs_attention = False
+    Attributes:
+        budget: Tokens kept per global layer (and KV head) between forwards.
+    """
 
-    def __init__(self, budget: int) -> None:
-        self.budget = check_budget(budget)
+    budget: int
+    needs_attention: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        non_negative_int("budget", self.budget)
 
     def open(self, model: TransformerBridge) -> CacheSession:
         return EvictionSession(model, self)
@@ -188,14 +192,14 @@ class EvictionSession(CacheSession):
         self.spec = spec_for(model)
         cfg = hf_config(model)
         self.global_layers = self.spec.global_layers(cfg)
-        self.n_kv_heads = int(getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
-        self.cache = DynamicCache(config=cfg)
+        self.n_kv_heads = n_kv_heads(model)
+        self.cache = new_cache(model)
         for layer in self.global_layers:
-            self.cache.layers[layer] = EvictionLayer()
+            install(self.cache, layer, EvictionLayer())
         self._patterns: dict[int, Tensor] = {}
 
     def _layer(self, layer: int) -> EvictionLayer:
-        cached = self.cache.layers[layer]
+        cached = installed(self.cache, layer)
         assert isinstance(cached, EvictionLayer)
         return cached
 
@@ -215,7 +219,7 @@ class EvictionSession(CacheSession):
         self._patterns.clear()
         try:
             with temporary_hooks(self.model, self._hooks()):
-                logits = self.model(ids, past_key_values=self.cache)[:, -1]
+                logits = cached_forward(self.model, ids, self.cache)[:, -1]
             for layer in self.global_layers:
                 pattern = self._patterns.pop(layer, None)
                 if self.policy.needs_attention and pattern is None:
@@ -235,7 +239,7 @@ class EvictionSession(CacheSession):
         self.memory.record(kv_bytes(self.cache), 0)
         return logits
 
-    def kept_positions(self) -> dict[int, Int[Tensor, "batch n_kv_heads kept"]]:
+    def held_positions(self) -> dict[int, Int[Tensor, "batch n_kv_heads kept"]]:
         """Absolute positions each global layer holds now, per ``(batch, kv_head)``."""
         out = {}
         for layer in self.global_layers:

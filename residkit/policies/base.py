@@ -1,13 +1,15 @@
 """The cache-policy interface shared by every decoding mode.
 
-A policy is a small, stateless description (``FullCache()``, ``KVDirect(budget=16)``); calling
-``policy.open(model)`` gives a :class:`CacheSession` that holds the state of one generation.
-The engine in :mod:`residkit.generation` drives sessions through ``prefill`` and ``step`` and
-knows nothing else about them, so a new policy is one small file.
+A policy is a small, frozen description (``FullCache()``, ``KVDirect(budget=16)``): a
+dataclass whose fields are its settings, checked when it is made. ``policy.open(model)`` gives
+a :class:`CacheSession` that holds the state of one generation. The engine in
+:mod:`residkit.generation` drives sessions through ``prefill`` and ``step`` and knows nothing
+else about them, so a new policy is one small file (``docs/`` has a worked example).
 """
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -81,15 +83,16 @@ class CacheSession(ABC):
         """Release anything the session put on the model (hooks, overrides)."""
 
 
+@dataclass(frozen=True)
 class CachePolicy(ABC):
-    """A description of how K/V are kept; ``open`` makes a session."""
+    """A description of how K/V are kept; ``open`` makes a session.
 
-    name: str = "policy"
+    Subclasses are frozen dataclasses: their ``repr`` lists their settings, two equal
+    policies compare equal, and a policy can be reused for any number of generations.
+    """
+
+    name: ClassVar[str] = "policy"
 
     @abstractmethod
     def open(self, model: TransformerBridge) -> CacheSession:
         """Start a session for one generation on ``model``."""
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({fields})"

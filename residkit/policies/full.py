@@ -1,42 +1,31 @@
 """FullCache: the model's own ``DynamicCache``, every token's K/V kept (the reference)."""
 
+from dataclasses import dataclass
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
-from transformers import DynamicCache
 
-from residkit.architectures import hf_config
+from residkit._bridge import cached_forward, kv_bytes, new_cache
 from residkit.policies.base import CachePolicy, CacheSession
 
-__all__ = ["FullCache", "kv_bytes"]
-
-
-def kv_bytes(cache: DynamicCache) -> int:
-    """Bytes of every K and V tensor a transformers cache currently holds."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, Tensor):
-                total += t.numel() * t.element_size()
-    return total
+__all__ = ["FullCache"]
 
 
 class _FullSession(CacheSession):
     def __init__(self, model: TransformerBridge) -> None:
         super().__init__(model)
-        self.cache = DynamicCache(config=hf_config(model))
-
-    def _run(self, tokens: Tensor) -> Tensor:
-        logits = self.model(tokens, past_key_values=self.cache)
-        self.memory.record(kv_bytes(self.cache), 0)
-        return logits[:, -1]
+        self.cache = new_cache(model)
 
     @torch.no_grad()
     def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
-        return self._run(tokens)
+        logits = cached_forward(self.model, tokens, self.cache)
+        self.memory.record(kv_bytes(self.cache), 0)
+        return logits[:, -1]
 
 
+@dataclass(frozen=True)
 class FullCache(CachePolicy):
     """Keep every token's K/V (sliding-window layers keep what the model's cache keeps).
 

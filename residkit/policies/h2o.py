@@ -18,10 +18,13 @@ Conventions (shared ones in :mod:`residkit.policies._eviction`):
 - The newest token is protected by the recent window whenever ``recent >= 1``.
 """
 
+from dataclasses import dataclass
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from residkit._validate import non_negative_int
 from residkit.policies._eviction import EvictionLayer, EvictionPolicy, per_kv_head, top_k_sorted
 
 __all__ = ["H2O", "h2o_keep"]
@@ -46,15 +49,17 @@ def h2o_keep(
     return top_k_sorted(priority, budget)
 
 
+@dataclass(frozen=True)
 class H2O(EvictionPolicy):
     """Keep a recent window plus the heavy hitters of accumulated attention.
 
     Args:
         budget: Tokens kept per global layer and KV head between forwards.
-        recent: Size of the recent window inside the budget; default ``budget // 2``.
+        recent: Size of the recent window inside the budget; default (None) ``budget // 2``.
 
     Raises:
-        ValueError: negative or non-int budget or recent, or ``recent > budget``.
+        TypeError: ``budget`` or ``recent`` not an int.
+        ValueError: negative budget or recent, or ``recent > budget``.
 
     Example:
         >>> import residkit
@@ -62,7 +67,7 @@ class H2O(EvictionPolicy):
         >>> model = residkit.load("zoo:llama")
         >>> session = H2O(4).open(model)
         >>> _ = session.prefill(model.to_tokens("abcdefghij"))
-        >>> kept = session.kept_positions()[1]  # layer 1: [batch, n_kv_heads, kept]
+        >>> kept = session.held_positions()[1]  # layer 1: [batch, n_kv_heads, kept]
         >>> tuple(kept.shape), kept[..., -2:].unique().tolist()  # the 2 most recent: 9, 10
         ((1, 2, 4), [9, 10])
     """
@@ -70,14 +75,17 @@ class H2O(EvictionPolicy):
     name = "h2o"
     needs_attention = True
 
-    def __init__(self, budget: int, recent: int | None = None) -> None:
-        super().__init__(budget)
-        recent = budget // 2 if recent is None else recent
-        if not isinstance(recent, int) or isinstance(recent, bool) or recent < 0:
-            raise ValueError(f"recent must be a non-negative int, got {recent!r}")
-        if recent > budget:
-            raise ValueError(f"recent={recent} is larger than budget={budget}")
-        self.recent = recent
+    recent: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.recent is not None and non_negative_int("recent", self.recent) > self.budget:
+            raise ValueError(f"recent={self.recent} is larger than budget={self.budget}")
+
+    @property
+    def recent_window(self) -> int:
+        """Tokens of the recent window: ``recent``, or ``budget // 2`` when it is None."""
+        return self.budget // 2 if self.recent is None else self.recent
 
     def summarize(self, pattern: Float[Tensor, "batch n_heads q k"]) -> Tensor:
         return pattern.double().sum(2, keepdim=True)  # only column sums accumulate
@@ -93,4 +101,4 @@ class H2O(EvictionPolicy):
         layer.scores = layer.scores + per_kv_head(pattern, n_kv_heads).sum(2)
         if layer.kept() <= self.budget:
             return None
-        return h2o_keep(layer.positions, layer.scores, self.budget, self.recent)
+        return h2o_keep(layer.positions, layer.scores, self.budget, self.recent_window)

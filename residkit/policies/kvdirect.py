@@ -28,7 +28,7 @@ Checkpoint modes:
   the evicted span is recomputed through the whole stack (a prefill of the evicted span).
 
 ``mode="exact"`` recomputes every original chunk with its original shape (the prompt as one
-chunk, each decoded token alone; inside one call per layer, see :mod:`residkit._recompute`),
+chunk, each decoded token alone; inside one call per layer, see :mod:`residkit.projector`),
 so every step's logits are bitwise equal to full-cache decoding. ``mode="fast"`` recomputes
 the evicted span as one chunk; with
 ``measure_deviation=True`` a shadow full cache runs alongside and the max |logit difference|
@@ -36,43 +36,46 @@ is reported.
 """
 
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from residkit._hooks import muted_hook_points, temporary_hooks
-from residkit._recompute import KVProjector
-from residkit.architectures import hf_config, spec_for
+from residkit._bridge import (
+    CacheLayer,
+    cached_forward,
+    hf_config,
+    install,
+    installed,
+    kv_bytes,
+    layer_kv,
+    muted_hook_points,
+    nbytes,
+    new_cache,
+    temporary_hooks,
+)
+from residkit._validate import choice, non_negative_int
+from residkit.architectures import spec_for
 from residkit.policies.base import CachePolicy, CacheSession
-from residkit.policies.full import kv_bytes
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from residkit.verify import Check, VerifyContext
+from residkit.projector import KVProjector
 
 __all__ = [
     "CHECKPOINTS",
     "KVDIRECT_MODES",
+    "Checkpoint",
     "KVDirect",
     "KVDirectLayer",
+    "Mode",
     "ResidualCheckpoints",
-    "accounting_table",
-    "kvdirect_section",
-    "per_token_bytes",
 ]
 
-CHECKPOINTS = ("layer", "token")
-KVDIRECT_MODES = ("exact", "fast")
-
-
-def _nbytes(*tensors: Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+Checkpoint = Literal["layer", "token"]
+Mode = Literal["exact", "fast"]
+CHECKPOINTS: tuple[Checkpoint, ...] = ("layer", "token")
+KVDIRECT_MODES: tuple[Mode, ...] = ("exact", "fast")
 
 
 class ResidualCheckpoints:
@@ -85,7 +88,7 @@ class ResidualCheckpoints:
     spare rows are reported (:attr:`reserved_bytes`), never hidden in :attr:`nbytes`.
 
     Rows are views of the buffer; a chunk starting at row ``s`` is aligned like a fresh tensor
-    whenever ``s * d_model * 4`` bytes is a multiple of 64 (``residkit._recompute._project``
+    whenever ``s * d_model * 4`` bytes is a multiple of 64 (``residkit.projector.project_rows``
     copies a view that is not, before its GEMM).
 
     Example:
@@ -128,7 +131,7 @@ class ResidualCheckpoints:
             new = rows.new_empty(*rows.shape[:-2], capacity, rows.shape[-1])
             if self.buffer is not None:
                 new[..., : self.length, :].copy_(self.rows())
-                grown = _nbytes(self.buffer)
+                grown = nbytes(self.buffer)
             self.buffer = new
         self.buffer[..., self.length : need, :].copy_(rows)
         self.length = need
@@ -155,10 +158,10 @@ class ResidualCheckpoints:
     @property
     def reserved_bytes(self) -> int:
         """Bytes allocated, spare rows included."""
-        return _nbytes(self.buffer)
+        return nbytes(self.buffer)
 
 
-class KVDirectLayer(DynamicLayer):
+class KVDirectLayer(CacheLayer):
     """A global layer's cache: the active window, plus K/V recomputed for this forward."""
 
     def __init__(self, session: "_KVDirectSession", layer: int) -> None:
@@ -166,11 +169,7 @@ class KVDirectLayer(DynamicLayer):
         self.session, self.layer = session, layer
         self.cumulative_length = 0  # absolute tokens seen; the active window is a suffix
 
-    def update(
-        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+    def append(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
         assert self.keys is not None and self.values is not None
         self.cumulative_length += key_states.shape[-2]
         keys = self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -180,16 +179,16 @@ class KVDirectLayer(DynamicLayer):
             return keys, values
         return torch.cat([old[0], keys], dim=-2), torch.cat([old[1], values], dim=-2)
 
-    def get_seq_length(self) -> int:
+    def tokens_seen(self) -> int:
         return self.cumulative_length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def mask_sizes(self, query_length: int) -> tuple[int, int]:
         # Attention sees every token (recomputed + active + new), from absolute position 0.
         return self.cumulative_length + query_length, 0
 
     def trim(self, keep: int) -> None:
         """Drop all but the last ``keep`` tokens of the active window."""
-        if not self.is_initialized or self.keys is None or self.values is None:
+        if not self.ready or self.keys is None or self.values is None:
             return
         if self.keys.shape[-2] > keep:
             start = self.keys.shape[-2] - keep
@@ -202,11 +201,10 @@ class _KVDirectSession(CacheSession):
         super().__init__(model)
         self.policy = policy
         self.spec = spec_for(model)
-        cfg = hf_config(model)
-        self.global_layers = self.spec.global_layers(cfg)
-        self.cache = DynamicCache(config=cfg)
+        self.global_layers = self.spec.global_layers(hf_config(model))
+        self.cache = new_cache(model)
         for layer in self.global_layers:
-            self.cache.layers[layer] = KVDirectLayer(self, layer)
+            install(self.cache, layer, KVDirectLayer(self, layer))
         self.total = 0  # tokens fed so far
         self.evicted = 0  # tokens [0, evicted) live only as checkpoints
         self.chunks: list[tuple[int, Tensor]] = []  # (start, token ids) of every forward
@@ -215,7 +213,7 @@ class _KVDirectSession(CacheSession):
         self.projector = KVProjector(model)
         self._rotary: dict[str, tuple[Tensor, Any]] = {}  # per layer type, for one forward
         self._transient = 0
-        self.shadow = DynamicCache(config=cfg) if policy.measure_deviation else None
+        self.shadow = new_cache(model) if policy.measure_deviation else None
         self.max_logit_deviation: float | None = 0.0 if policy.measure_deviation else None
 
     # --- recomputation -------------------------------------------------------------------
@@ -249,8 +247,8 @@ class _KVDirectSession(CacheSession):
         self.memory.recomputed_tokens += n
         # Alive while this layer recomputes: K/V, the norm output (one residual per row) and
         # the rotary tables.
-        tables = _nbytes(*rotary) if rotary is not None else 0
-        self._transient = max(self._transient, _nbytes(k, v) + _nbytes(rows[:, :n]) + tables)
+        tables = nbytes(*rotary) if rotary is not None else 0
+        self._transient = max(self._transient, nbytes(k, v) + nbytes(rows[:, :n]) + tables)
         self.memory.recompute_seconds += time.perf_counter() - t0
 
     def _replay_evicted(self) -> None:
@@ -258,22 +256,20 @@ class _KVDirectSession(CacheSession):
         if self.evicted == 0:
             return
         t0 = time.perf_counter()
-        replay = DynamicCache(config=hf_config(self.model))
+        replay = new_cache(self.model)
         with muted_hook_points(self.model):
             if self.policy.mode == "exact":
                 for i in self._chunks_covering_evicted():
-                    self.model(self.chunks[i][1], past_key_values=replay, return_type=None)
+                    cached_forward(self.model, self.chunks[i][1], replay, return_type=None)
                     self.memory.recomputed_tokens += self.chunks[i][1].shape[1]
             else:
                 ids = torch.cat([c for _, c in self.chunks], dim=1)[:, : self.evicted]
-                self.model(ids, past_key_values=replay, return_type=None)
+                cached_forward(self.model, ids, replay, return_type=None)
                 self.memory.recomputed_tokens += self.evicted
         for layer in self.global_layers:
-            cached: Any = replay.layers[layer]
-            self._recomputed[layer] = (
-                cached.keys[:, :, : self.evicted],
-                cached.values[:, :, : self.evicted],
-            )
+            kv = layer_kv(replay, layer)
+            assert kv is not None
+            self._recomputed[layer] = (kv[0][:, :, : self.evicted], kv[1][:, :, : self.evicted])
         self._transient = max(self._transient, kv_bytes(replay))
         self.memory.recompute_seconds += time.perf_counter() - t0
 
@@ -296,18 +292,18 @@ class _KVDirectSession(CacheSession):
         if self.policy.checkpoint == "token":
             self._replay_evicted()
         with temporary_hooks(self.model, self._hooks()):
-            logits = self.model(ids, past_key_values=self.cache)[:, -1]
+            logits = cached_forward(self.model, ids, self.cache)[:, -1]
         self._recomputed.clear()
         self._rotary.clear()
         self.chunks.append((self.total, ids))
         self.total += ids.shape[1]
         self.evicted = max(self.evicted, self.total - self.policy.budget)
         for layer in self.global_layers:
-            layer_cache: Any = self.cache.layers[layer]
+            layer_cache = installed(self.cache, layer)
             layer_cache.trim(self.total - self.evicted)
         if self.shadow is not None:
             with muted_hook_points(self.model):
-                ref = self.model(ids, past_key_values=self.shadow)[:, -1]
+                ref = cached_forward(self.model, ids, self.shadow)[:, -1]
             dev = (ref - logits).abs().max().item()
             self.max_logit_deviation = max(self.max_logit_deviation or 0.0, dev)
         self.memory.tokens_evicted = self.evicted
@@ -325,7 +321,7 @@ class _KVDirectSession(CacheSession):
 
     def checkpoint_bytes(self) -> int:
         if self.policy.checkpoint == "token":
-            return sum(_nbytes(ids) for _, ids in self.chunks)
+            return sum(nbytes(ids) for _, ids in self.chunks)
         return sum(self.resid[layer].nbytes for layer in self.global_layers)
 
     def reserved_bytes(self) -> int:
@@ -339,6 +335,7 @@ class _KVDirectSession(CacheSession):
         return self._forward(tokens)
 
 
+@dataclass(frozen=True)
 class KVDirect(CachePolicy):
     """Keep the last ``budget`` tokens' K/V; recompute older K/V from checkpoints.
 
@@ -349,6 +346,10 @@ class KVDirect(CachePolicy):
         mode: ``"exact"`` (original chunk shapes, bitwise) or ``"fast"`` (one batched call).
         measure_deviation: Run a shadow full cache and report the max |logit difference|.
 
+    Raises:
+        TypeError: a non-int budget.
+        ValueError: a negative budget, or an unknown checkpoint or mode.
+
     Example:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
@@ -356,128 +357,20 @@ class KVDirect(CachePolicy):
         >>> kvd = residkit.generate_kvdirect(model, "abcdefgh", max_new_tokens=6, budget=2)
         >>> torch.equal(full.tokens, kvd.tokens)
         True
+        >>> KVDirect(8)
+        KVDirect(budget=8, checkpoint='layer', mode='exact', measure_deviation=False)
     """
 
+    budget: int = 64
+    checkpoint: Checkpoint = "layer"
+    mode: Mode = "exact"
+    measure_deviation: bool = False
     name = "kvdirect"
 
-    def __init__(
-        self,
-        budget: int = 64,
-        checkpoint: str = "layer",
-        mode: str = "exact",
-        *,
-        measure_deviation: bool = False,
-    ) -> None:
-        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 0:
-            raise ValueError(f"budget must be a non-negative int, got {budget!r}")
-        if checkpoint not in CHECKPOINTS:
-            raise ValueError(f"unknown checkpoint {checkpoint!r}; choose one of {CHECKPOINTS}")
-        if mode not in KVDIRECT_MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {KVDIRECT_MODES}")
-        self.budget, self.checkpoint, self.mode = budget, checkpoint, mode
-        self.measure_deviation = measure_deviation
+    def __post_init__(self) -> None:
+        non_negative_int("budget", self.budget)
+        choice("checkpoint", self.checkpoint, CHECKPOINTS)
+        choice("mode", self.mode, KVDIRECT_MODES)
 
     def open(self, model: TransformerBridge) -> CacheSession:
         return _KVDirectSession(model, self)
-
-
-def accounting_table(dtype_bytes: int = 2) -> "pd.DataFrame":
-    """Per-token bytes of every paper config (bf16 by default): K/V vs each checkpoint kind.
-
-    Example:
-        >>> t = accounting_table()
-        >>> int(t.set_index("model").loc["gemma-3-4b", "kv_all_layers"])
-        139264
-    """
-    import pandas as pd
-
-    from residkit.zoo import PAPER_CONFIGS, config_for
-
-    rows = []
-    for key, entry in PAPER_CONFIGS.items():
-        b = per_token_bytes(
-            config_for(entry["family"], config=key), dtype_bytes=dtype_bytes, family=entry["family"]
-        )
-        rows.append(
-            {
-                "model": key,
-                **b,
-                "kv / one residual": b["kv_all_layers"] / b["residual_one"],
-                "per-global-layer residuals / global K/V": b["residual_per_global_layer"]
-                / b["kv_global_layers"],
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def per_token_bytes(
-    config: Any, *, dtype_bytes: int = 2, family: str | None = None
-) -> dict[str, int]:
-    """Bytes per token of each way to remember a token, for an HF config.
-
-    Keys: ``kv_all_layers`` (full cache: every layer's K and V), ``kv_global_layers`` (what
-    KV-Direct's checkpoints replace), ``residual_one`` (one residual vector: the paper's
-    accounting), ``residual_per_global_layer`` (KV-Direct ``checkpoint="layer"``),
-    ``residual_all_layers`` (a residual per token at every layer, sliding ones included),
-    ``token_id`` (``checkpoint="token"``, int64).
-
-    Example:
-        >>> from residkit import zoo
-        >>> b = per_token_bytes(zoo.config_for("gemma3", config="gemma-3-4b"))
-        >>> b["kv_all_layers"], b["residual_one"]
-        (139264, 5120)
-    """
-    from residkit.architectures import ARCH_TABLE, spec_for
-
-    spec = ARCH_TABLE[family] if family else spec_for(config)
-    n_layers = config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    d_head = getattr(config, "head_dim", None) or config.hidden_size // heads
-    n_global = n_layers - len(spec.sliding_layers(config))
-    kv = 2 * kv_heads * d_head * dtype_bytes
-    return {
-        "kv_all_layers": n_layers * kv,
-        "kv_global_layers": n_global * kv,
-        "residual_one": config.hidden_size * dtype_bytes,
-        "residual_per_global_layer": n_global * config.hidden_size * dtype_bytes,
-        "residual_all_layers": n_layers * config.hidden_size * dtype_bytes,
-        "token_id": 8,
-    }
-
-
-def kvdirect_section(model: TransformerBridge, ctx: "VerifyContext") -> "list[Check]":
-    """``residkit verify`` rows: KV-Direct vs full cache, two budgets, exact and fast modes."""
-    from residkit.generation import generate
-    from residkit.verify import Check
-
-    prompt, n_new = ctx.prompts[1], 24
-    full = generate(model, prompt, max_new_tokens=n_new, return_logits=True, stop_at_eos=False)
-    checks = []
-    for budget in (4, 16):
-        for mode in KVDIRECT_MODES:
-            gen = generate(
-                model,
-                prompt,
-                max_new_tokens=n_new,
-                policy=KVDirect(budget, "layer", mode, measure_deviation=mode == "fast"),
-                return_logits=True,
-                stop_at_eos=False,
-            )
-            same_tokens = torch.equal(gen.tokens, full.tokens)
-            assert gen.logits is not None and full.logits is not None
-            if mode == "exact":
-                ok = same_tokens and torch.equal(gen.logits, full.logits)
-                detail = f"tokens {'equal' if same_tokens else 'DIFFER'}, logits bitwise: {ok}"
-            else:
-                ok = same_tokens
-                detail = f"tokens {'equal' if same_tokens else 'DIFFER'}, max |dlogit| {gen.stats.max_logit_deviation:.2g}"
-            checks.append(
-                Check(
-                    "kvdirect",
-                    f"KV-Direct budget={budget} mode={mode} == full cache ({n_new} tokens)",
-                    f"{detail}; peak active K/V {gen.stats.peak_active_kv_bytes / full.stats.peak_active_kv_bytes:.2f}x full",
-                    ok,
-                )
-            )
-    return checks

@@ -1,10 +1,13 @@
 """NoCache: no K/V kept at all; every step recomputes the whole sequence from the tokens."""
 
+from dataclasses import dataclass
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._bridge import nbytes
 from residkit.policies.base import CachePolicy, CacheSession
 
 __all__ = ["NoCache"]
@@ -17,8 +20,7 @@ class _NoCacheSession(CacheSession):
 
     def _run(self) -> Tensor:
         assert self.tokens is not None
-        ids = self.tokens.numel() * self.tokens.element_size()
-        self.memory.record(0, ids)  # the token ids are all it keeps
+        self.memory.record(0, nbytes(self.tokens))  # the token ids are all it keeps
         return self.model(self.tokens)[:, -1]
 
     @torch.no_grad()
@@ -27,6 +29,7 @@ class _NoCacheSession(CacheSession):
         return self._run()
 
 
+@dataclass(frozen=True)
 class NoCache(CachePolicy):
     """Recompute everything from scratch every step, with no ``past_key_values``.
 

@@ -8,71 +8,77 @@ plain window collapses.
 Conventions (shared ones in :mod:`residkit.policies._eviction`):
 
 - Eviction after every forward, the prompt's included; the prompt itself is attended in full.
-- Sinks are the tokens at absolute positions ``0 .. sinks-1`` (BOS is position 0).
+- Sinks are the tokens at absolute positions ``0 .. n_sink-1`` (BOS, where the tokenizer adds
+  one, is position 0). ``n_sink`` is kvpress's name for it.
 - Absolute positions are kept. The paper's reference code re-assigns rotary positions inside
   the cache (positions ``0 .. budget-1`` whatever the real distance); residkit keeps keys
   post-rotary at their original positions, as every other policy here does, so the only
   difference between policies is *which* tokens are kept.
 - No scores: one kept set for all KV heads of a layer, so GQA changes nothing.
-- The newest token is kept whenever ``budget > sinks``; with ``budget == sinks`` only the
+- The newest token is kept whenever ``budget > n_sink``; with ``budget == n_sink`` only the
   sinks are kept between steps.
 """
+
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from residkit._validate import non_negative_int
 from residkit.policies._eviction import EvictionLayer, EvictionPolicy, top_k_sorted
 
 __all__ = ["StreamingLLM", "streaming_keep"]
 
 
 def streaming_keep(
-    positions: Int[Tensor, "batch n_kv_heads n"], budget: int, sinks: int
+    positions: Int[Tensor, "batch n_kv_heads n"], budget: int, n_sink: int
 ) -> Int[Tensor, "batch n_kv_heads k"]:
-    """Indices of the sink positions (``< sinks``) and the most recent of the rest.
+    """Indices of the sink positions (``< n_sink``) and the most recent of the rest.
 
     Example:
         >>> positions = torch.arange(8).view(1, 1, 8)
-        >>> positions.gather(-1, streaming_keep(positions, 4, sinks=1)).tolist()
+        >>> positions.gather(-1, streaming_keep(positions, 4, n_sink=1)).tolist()
         [[[0, 5, 6, 7]]]
     """
     # Sinks outrank every other token; the rest rank by recency.
-    priority = torch.where(positions < sinks, positions.new_tensor(2**62), positions)
+    priority = torch.where(positions < n_sink, positions.new_tensor(2**62), positions)
     return top_k_sorted(priority, budget)
 
 
+@dataclass(frozen=True)
 class StreamingLLM(EvictionPolicy):
-    """Keep ``sinks`` first tokens and the most recent ``budget - sinks`` tokens.
+    """Keep ``n_sink`` first tokens and the most recent ``budget - n_sink`` tokens.
 
     Args:
         budget: Tokens kept per global layer between forwards, sinks included.
-        sinks: Attention-sink tokens kept from the start of the sequence (the paper uses 4).
+        n_sink: Attention-sink tokens kept from the start of the sequence (the paper uses 4).
 
     Raises:
-        ValueError: ``budget`` or ``sinks`` negative or not an int, or ``budget < sinks``.
+        TypeError: ``budget`` or ``n_sink`` not an int.
+        ValueError: ``budget`` or ``n_sink`` negative, or ``budget < n_sink``.
 
     Example:
         >>> import residkit
         >>> from residkit.policies.streaming import StreamingLLM
         >>> model = residkit.load("zoo:llama")
-        >>> session = StreamingLLM(6, sinks=2).open(model)
+        >>> session = StreamingLLM(6, n_sink=2).open(model)
         >>> _ = session.prefill(model.to_tokens("abcdefghij"))
-        >>> session.kept_positions()[0][0, 0].tolist()
+        >>> session.held_positions()[0][0, 0].tolist()
         [0, 1, 7, 8, 9, 10]
     """
 
+    n_sink: int = 4
     name = "streaming"
 
-    def __init__(self, budget: int, sinks: int = 4) -> None:
-        super().__init__(budget)
-        if not isinstance(sinks, int) or isinstance(sinks, bool) or sinks < 0:
-            raise ValueError(f"sinks must be a non-negative int, got {sinks!r}")
-        if budget < sinks:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        non_negative_int("n_sink", self.n_sink)
+        if self.budget < self.n_sink:
             raise ValueError(
-                f"budget={budget} is smaller than sinks={sinks}: the budget includes the sinks"
+                f"budget={self.budget} is smaller than n_sink={self.n_sink}: the budget "
+                "includes the sinks"
             )
-        self.sinks = sinks
 
     def select(
         self, layer: EvictionLayer, pattern: Tensor | None, n_new: int, n_kv_heads: int
@@ -80,4 +86,4 @@ class StreamingLLM(EvictionPolicy):
         assert layer.positions is not None
         if layer.kept() <= self.budget:
             return None
-        return streaming_keep(layer.positions, self.budget, self.sinks)
+        return streaming_keep(layer.positions, self.budget, self.n_sink)

@@ -18,6 +18,8 @@ Conventions (shared ones in :mod:`residkit.policies._eviction`):
   as in the paper (kvpress protects it; the official code does not).
 """
 
+from dataclasses import dataclass
+
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -42,6 +44,7 @@ def tova_keep(
     return index.expand(-1, n_kv_heads, -1)
 
 
+@dataclass(frozen=True)
 class TOVA(EvictionPolicy):
     """Keep the ``budget`` tokens with the highest current attention (mean over heads).
 

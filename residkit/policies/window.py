@@ -17,6 +17,8 @@ Equivalence with transformers' sliding-window attention: HF's sliding layer keep
 tokens (HF also windows inside the prompt; Window attends the prompt in full).
 """
 
+from dataclasses import dataclass
+
 from jaxtyping import Int
 from torch import Tensor
 
@@ -38,6 +40,7 @@ def window_keep(
     return top_k_sorted(positions, budget)
 
 
+@dataclass(frozen=True)
 class Window(EvictionPolicy):
     """Keep the last ``budget`` tokens' K/V per global layer.
 

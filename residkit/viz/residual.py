@@ -4,7 +4,7 @@ import plotly.graph_objects as go
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["mean_norm_per_layer", "residual_norm_figure"]
+__all__ = ["residual_norm_figure"]
 
 
 def residual_norm_figure(
@@ -42,8 +42,3 @@ def residual_norm_figure(
     fig.update_layout(title=title, xaxis_title="position", yaxis_title="residual layer")
     fig.update_yaxes(autorange="reversed")
     return fig
-
-
-def mean_norm_per_layer(residuals: Float[Tensor, "layer batch pos d_model"]) -> list[float]:
-    """Mean residual norm at each layer (over batch and positions)."""
-    return residuals.float().norm(dim=-1).mean(dim=(1, 2)).tolist()

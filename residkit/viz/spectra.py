@@ -5,12 +5,17 @@ builds its live figures from these same functions, so the widget and the static 
 cannot drift apart.
 """
 
-from typing import Any
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import plotly.graph_objects as go
 
-from residkit.spectra import QKSpectra, check_energy
+from residkit._validate import check_energy
+
+if TYPE_CHECKING:  # only for annotations: residkit.spectra draws its figures with this module
+    from residkit.spectra import QKSpectra
 
 __all__ = ["check_head", "rank_heatmap", "spectrum"]
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from residkit._recompute import KVProjector, _runs, spans
-from residkit.architectures import hf_config, spec_for
+from residkit._bridge import cached_forward, layer_kv, new_cache
+from residkit.architectures import spec_for
+from residkit.projector import KVProjector, run_sizes, spans
 
 PROMPT, DECODED = 30, 10
 CHUNKS = [PROMPT] + [1] * DECODED
@@ -25,18 +26,18 @@ def _decode_and_capture(model) -> tuple[dict[int, torch.Tensor], DynamicCache]:
     hooks = [
         (f"blocks.{layer}.hook_resid_pre", saver(layer)) for layer in range(model.cfg.n_layers)
     ]
-    cache = DynamicCache(config=hf_config(model))
+    cache = new_cache(model)
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model(tokens[:, :PROMPT], past_key_values=cache)
+        cached_forward(model, tokens[:, :PROMPT], cache)
         for i in range(PROMPT, PROMPT + DECODED):
-            model(tokens[:, i : i + 1], past_key_values=cache)
+            cached_forward(model, tokens[:, i : i + 1], cache)
     return {layer: torch.cat(r, dim=1) for layer, r in store.items()}, cache
 
 
 def test_spans() -> None:
     assert spans([3, 1, 2]) == [(0, 3), (3, 1), (4, 2)]
     # Runs of single-token chunks merge (negative length: that many one-row GEMMs).
-    assert _runs([3, 1, 1, 2, 1]) == [(0, 3), (3, -2), (5, 2), (7, -1)]
+    assert run_sizes([3, 1, 1, 2, 1]) == [(0, 3), (3, -2), (5, 2), (7, -1)]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # K/V projections without, with bias
@@ -46,7 +47,7 @@ def test_single_token_runs_are_one_batched_gemm_and_stay_bitwise(
     """The 10 decoded tokens' projections go out as one batched GEMM of M = 1 problems per
     projection, and K/V stay equal to the model's cache. Negative control: the same rows as one
     M = 10 GEMM (a shape no original forward had) differ."""
-    import residkit._recompute as recompute
+    import residkit.projector as recompute
 
     model = model_for(family)
     resid, cache = _decode_and_capture(model)
@@ -60,12 +61,12 @@ def test_single_token_runs_are_one_batched_gemm_and_stay_bitwise(
     with torch.no_grad():
         k, v, _ = KVProjector(model)(1, resid[1], pos, chunks=CHUNKS)
     assert len(batched) == 2  # K and V
-    assert torch.equal(k, cache.layers[1].keys) and torch.equal(v, cache.layers[1].values)
-    monkeypatch.setattr(recompute, "_runs", lambda sizes: [(0, PROMPT), (PROMPT, DECODED)])
+    assert torch.equal(k, layer_kv(cache, 1)[0]) and torch.equal(v, layer_kv(cache, 1)[1])
+    monkeypatch.setattr(recompute, "run_sizes", lambda sizes: [(0, PROMPT), (PROMPT, DECODED)])
     with torch.no_grad():
         k_wrong, v_wrong, _ = KVProjector(model)(1, resid[1], pos, chunks=CHUNKS)
     assert not (
-        torch.equal(k_wrong, cache.layers[1].keys) and torch.equal(v_wrong, cache.layers[1].values)
+        torch.equal(k_wrong, layer_kv(cache, 1)[0]) and torch.equal(v_wrong, layer_kv(cache, 1)[1])
     )
 
 
@@ -78,15 +79,15 @@ def test_chunked_recompute_equals_the_models_cache(family: str, model_for) -> No
     for layer in range(model.cfg.n_layers):
         with torch.no_grad():
             k, v, _ = projector(layer, resid[layer], pos, chunks=CHUNKS)
-        cached: Any = cache.layers[layer]
-        kept = cached.keys.shape[2]  # sliding layers keep a window
-        assert torch.equal(k[:, :, -kept:], cached.keys), f"layer {layer} keys"
-        assert torch.equal(v[:, :, -kept:], cached.values), f"layer {layer} values"
+        keys, values = layer_kv(cache, layer)
+        kept = keys.shape[2]  # sliding layers keep a window
+        assert torch.equal(k[:, :, -kept:], keys), f"layer {layer} keys"
+        assert torch.equal(v[:, :, -kept:], values), f"layer {layer} values"
         # Negative control: the next layer's weights on the same residual.
         if layer + 1 < model.cfg.n_layers:
             with torch.no_grad():
                 k_wrong, _, _ = projector(layer + 1, resid[layer], pos, chunks=CHUNKS)
-            assert not torch.equal(k_wrong[:, :, -kept:], cached.keys)
+            assert not torch.equal(k_wrong[:, :, -kept:], keys)
 
 
 def test_chunk_boundaries_matter_for_rotary_positions(model_for) -> None:
@@ -96,7 +97,7 @@ def test_chunk_boundaries_matter_for_rotary_positions(model_for) -> None:
     shifted = torch.arange(1, PROMPT + DECODED + 1).unsqueeze(0)
     with torch.no_grad():
         k, _, _ = KVProjector(model)(1, resid[1], shifted, chunks=CHUNKS)
-    assert not torch.equal(k, cache.layers[1].keys)
+    assert not torch.equal(k, layer_kv(cache, 1)[0])
 
 
 def test_no_query_gemm_and_no_user_hooks(family: str, model_for, no_leaked_hooks) -> None:
@@ -187,7 +188,7 @@ def test_split_qkv_settings_stay_bitwise(family: str, setting: str, monkeypatch)
     """Under split-QKV input, attention projects per head with an einsum on the weights, so the
     projector runs the whole block once per original chunk; without that, K/V differ."""
     import residkit
-    import residkit._recompute as recompute
+    import residkit.projector as recompute
     from residkit import zoo
 
     model = residkit.load(zoo.build(family, size="tiny"))  # own copy: the setting mutates it
@@ -196,14 +197,14 @@ def test_split_qkv_settings_stay_bitwise(family: str, setting: str, monkeypatch)
     pos = torch.arange(PROMPT + DECODED).unsqueeze(0)
     with torch.no_grad():
         k, v, _ = KVProjector(model)(1, resid[1], pos, chunks=CHUNKS)
-    assert torch.equal(k, cache.layers[1].keys) and torch.equal(v, cache.layers[1].values)
+    assert torch.equal(k, layer_kv(cache, 1)[0]) and torch.equal(v, layer_kv(cache, 1)[1])
     with pytest.raises(ValueError, match="pre_rotary_keys is unavailable"):
         KVProjector(model)(1, resid[1], pos, pre_rotary_keys=True)
     # Negative control: treat the setting as absent (attention alone, one call for all chunks).
     monkeypatch.setattr(recompute, "_BLOCK_FLAGS", ())
     with torch.no_grad():
         k_wrong, _, _ = KVProjector(model)(1, resid[1], pos, chunks=CHUNKS)
-    assert not torch.equal(k_wrong, cache.layers[1].keys)
+    assert not torch.equal(k_wrong, layer_kv(cache, 1)[0])
 
 
 def test_no_residual_is_left_with_attention(family: str, model_for) -> None:

@@ -35,40 +35,29 @@ import torch
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
-from transformers.cache_utils import Cache
 
-from residkit._hooks import hook_points, muted, replaced_forward
-from residkit.architectures import hf_config, spec_for
+from residkit._bridge import (
+    CaptureCache,
+    Captured,
+    attn_norm,
+    clear_pre_norm_capture,
+    hf_config,
+    hf_model,
+    hook_points,
+    linear,
+    muted,
+    native_norm,
+    replaced_forward,
+)
+from residkit.architectures import spec_for
 
-__all__ = ["KVProjector", "spans"]
+__all__ = ["KVProjector", "project_rows", "run_sizes", "spans"]
 
 # PyTorch's CPU allocator aligns to 64 bytes; a GEMM input that is a view at another alignment
 # may take a different kernel path, so such views are copied first.
 _ALIGN = 64
 # TransformerLens settings under which attention reads the pre-norm residual the block captures.
 _BLOCK_FLAGS = ("use_split_qkv_input", "use_attn_in")
-
-
-class _Captured(Exception):
-    def __init__(self, keys: Tensor, values: Tensor) -> None:
-        self.keys, self.values = keys, values
-
-
-class _CaptureCache(Cache):
-    """A cache whose first ``update`` hands back (k, v) by stopping the layer's forward."""
-
-    def __init__(self) -> None:  # no layers: nothing is ever stored
-        self.layers = []
-        self.layer_class_to_replicate = None
-        self.offloading = False
-
-    def update(
-        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *a: Any, **k: Any
-    ) -> Any:
-        raise _Captured(key_states, value_states)
-
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        return 0
 
 
 def spans(sizes: Sequence[int]) -> list[tuple[int, int]]:
@@ -80,7 +69,7 @@ def spans(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _runs(sizes: Sequence[int]) -> list[tuple[int, int]]:
+def run_sizes(sizes: Sequence[int]) -> list[tuple[int, int]]:
     """Like :func:`spans`, but consecutive single-token chunks merge into one span of
     ``-count`` (a negative length marks a run of ``count`` one-row GEMMs)."""
     out: list[tuple[int, int]] = []
@@ -92,7 +81,7 @@ def _runs(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _project(linear: nn.Module, x: Tensor, start: int, length: int) -> Tensor:
+def project_rows(linear: nn.Module, x: Tensor, start: int, length: int) -> Tensor:
     """``linear`` over rows ``[start, start + |length|)`` of ``x`` with the original GEMM shapes.
 
     A positive ``length`` is one chunk: one GEMM. A negative one is a run of single-token
@@ -125,7 +114,7 @@ def _project(linear: nn.Module, x: Tensor, start: int, length: int) -> Tensor:
             out = torch.baddbmm(lin.bias.expand(rows, 1, lin.bias.shape[0]), batch, weight)
         return out.reshape(1, rows, -1)
     if run:
-        return torch.cat([_project(linear, x, start + i, 1) for i in range(rows)], dim=-2)
+        return torch.cat([project_rows(linear, x, start + i, 1) for i in range(rows)], dim=-2)
     if piece.data_ptr() % _ALIGN:
         piece = piece.clone()
     return linear(piece)
@@ -153,9 +142,7 @@ class KVProjector:
         self.spec = spec_for(model)
         self.config = hf_config(model)
         path = self.spec.rotary_path
-        self.rotary: nn.Module | None = (
-            operator.attrgetter(path)(model.original_model) if path else None
-        )
+        self.rotary: nn.Module | None = operator.attrgetter(path)(hf_model(model)) if path else None
         self._rotary_points = hook_points(self.rotary)
         # Per (layer, whole block?): the hook points a recompute passes through.
         self._points: dict[tuple[int, bool], list[HookPoint]] = {}
@@ -183,29 +170,14 @@ class KVProjector:
             return self.rotary(like, position_ids, self.spec.layer_type(self.config, layer))
         return self.rotary(like, position_ids)
 
-    def _native_norm(self, block: Any) -> Any:
-        """The attention-input norm bridge, if its output is its HF module's own output.
-
-        Such a bridge first computes ``hook_scale`` and ``hook_normalized`` for observers and
-        then returns ``original_component(x)``; with hooks muted nobody observes, so the
-        recompute calls the HF module directly and skips the observers' copy of the norm.
-        A bridge that computes its own output (GPT-2's LayerNorm here) is left alone.
-        """
-        norm = self._norm(block)
-        native = getattr(norm, "use_native_layernorm_autograd", False) or getattr(
-            getattr(norm, "config", None), "layer_norm_folding", False
-        )
-        return norm if native else None
-
-    def _norm(self, block: Any) -> Any:
-        """The norm feeding the block's Q/K/V (a bridge module), or None (OLMo 2: none)."""
-        path = self.spec.attn_norm_path
-        return operator.attrgetter(path)(block.original_component) if path else None
+    def _norm(self, layer: int) -> Any:
+        """The norm feeding the block's Q/K/V (a bridge component), or None (OLMo 2: none)."""
+        return attn_norm(self.model, layer, self.spec.attn_norm_path)
 
     @staticmethod
-    def _norm_forward(norm: Any) -> Any:
-        hf_norm = norm.original_component
-
+    def _norm_forward(hf_norm: nn.Module) -> Any:
+        # With hooks muted nobody observes the bridge's hook_scale / hook_normalized, so the
+        # recompute calls the HF norm directly and skips the observers' copy of the norm.
         def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             out = hf_norm(x)
             return out if out.dtype == x.dtype else out.to(x.dtype)
@@ -285,7 +257,7 @@ class KVProjector:
             self._points[layer, whole_block] = (
                 hook_points(block)
                 if whole_block
-                else hook_points(self._norm(block)) + hook_points(block.attn)
+                else hook_points(self._norm(layer)) + hook_points(block.attn)
             )
         if position_embeddings is None:
             position_embeddings = self.position_embeddings(layer, residual, position_ids, chunks)
@@ -293,13 +265,13 @@ class KVProjector:
         pre: list[Tensor] = []
 
         def projection(bridge: Any, record: bool) -> Any:
-            linear = bridge.original_component
+            lin = linear(bridge)
 
             def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
                 if chunks is None:
-                    out = linear(x)
+                    out = lin(x)
                 else:
-                    pieces = [_project(linear, x, s, n) for s, n in _runs(chunks)]
+                    pieces = [project_rows(lin, x, s, n) for s, n in run_sizes(chunks)]
                     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
                 if record:
                     pre.append(out.unflatten(-1, (-1, self.model.cfg.d_head)))
@@ -308,7 +280,9 @@ class KVProjector:
             return forward
 
         q_width = (
-            0 if self.spec.query_placeholder == "empty" else attn.q.original_component.out_features
+            0
+            if self.spec.query_placeholder == "empty"
+            else int(getattr(linear(attn.q), "out_features", 0))
         )
 
         def no_query(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -316,16 +290,17 @@ class KVProjector:
 
         with ExitStack() as stack:
             stack.enter_context(muted(self._points[layer, whole_block]))
-            norm = self._native_norm(block)
-            if norm is not None:
-                stack.enter_context(replaced_forward([norm], self._norm_forward(norm)))
+            norm = self._norm(layer)
+            hf_norm = native_norm(norm)
+            if hf_norm is not None:
+                stack.enter_context(replaced_forward([norm], self._norm_forward(hf_norm)))
             stack.enter_context(replaced_forward([attn.q], no_query))
             stack.enter_context(replaced_forward([attn.k], projection(attn.k, pre_rotary_keys)))
             stack.enter_context(replaced_forward([attn.v], projection(attn.v, False)))
             kwargs = dict(
                 attention_mask=None,
                 position_ids=position_ids,
-                past_key_values=_CaptureCache(),
+                past_key_values=CaptureCache(),
                 use_cache=True,
                 position_embeddings=position_embeddings,
                 cache_position=position_ids[0],
@@ -334,13 +309,11 @@ class KVProjector:
                 if whole_block:
                     block(residual, **kwargs)
                 else:
-                    norm = self._norm(block)
                     attn(hidden_states=norm(residual) if norm is not None else residual, **kwargs)
-            except _Captured as got:
+            except Captured as got:
                 return got.keys, got.values, (pre[0] if pre else None)
             finally:
                 # The norm's pre-hook (wired by the block) may have handed attention our
                 # residual; the block clears it after its forward, and so do we.
-                if hasattr(attn, "_captured_pre_ln_residual"):
-                    attn._captured_pre_ln_residual = None
+                clear_pre_norm_capture(attn)
         raise RuntimeError(f"layer {layer} of {self.spec.family} finished without a cache write")

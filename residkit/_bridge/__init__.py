@@ -1,0 +1,81 @@
+"""The adapter: the only place residkit touches TransformerLens or transformers internals.
+
+Every other module reaches the bridge through these names. Each assumption they rest on is
+named and checked in :mod:`residkit._bridge.contract` (run once per model by
+:func:`residkit._bridge.contract.check_contract`, and on every family by
+``tests/test_bridge_contract.py``).
+
+- :mod:`~residkit._bridge.model`: the HF model and config, q/k/v and norm components, the
+  tokenizer slot, skipping blocks.
+- :mod:`~residkit._bridge.hooks`: adding, muting and counting hooks, forward overrides.
+- :mod:`~residkit._bridge.cache`: cache layers, the capturing cache, K/V read-back, and the
+  cache argument transformers 5.24 renamed.
+"""
+
+from residkit._bridge.cache import (
+    CacheLayer,
+    CaptureCache,
+    Captured,
+    cache_argument_shim,
+    cached_forward,
+    install,
+    installed,
+    kv_bytes,
+    layer_kv,
+    nbytes,
+    new_cache,
+)
+from residkit._bridge.hooks import (
+    hook_count,
+    hook_points,
+    muted,
+    muted_hook_points,
+    replaced_forward,
+    temporary_hooks,
+)
+from residkit._bridge.model import (
+    attn_norm,
+    clear_pre_norm_capture,
+    generation_config,
+    hf_config,
+    hf_model,
+    is_bridge,
+    linear,
+    n_kv_heads,
+    native_norm,
+    norms_folded,
+    set_tokenizer,
+    skipped_blocks,
+)
+
+__all__ = [
+    "CacheLayer",
+    "CaptureCache",
+    "Captured",
+    "attn_norm",
+    "cache_argument_shim",
+    "cached_forward",
+    "clear_pre_norm_capture",
+    "generation_config",
+    "hf_config",
+    "hf_model",
+    "hook_count",
+    "hook_points",
+    "install",
+    "installed",
+    "is_bridge",
+    "kv_bytes",
+    "layer_kv",
+    "linear",
+    "muted",
+    "muted_hook_points",
+    "n_kv_heads",
+    "native_norm",
+    "nbytes",
+    "new_cache",
+    "norms_folded",
+    "replaced_forward",
+    "set_tokenizer",
+    "skipped_blocks",
+    "temporary_hooks",
+]

@@ -1,0 +1,29 @@
+"""Section ``markov``: the Markov test at every layer on one cross-task pair."""
+
+from __future__ import annotations
+
+from transformer_lens.model_bridge import TransformerBridge
+
+from residkit.markov import markov_test
+from residkit.verify.base import Check, VerifyContext
+
+
+def run(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
+    report = markov_test(model, ctx.prompts[0], ctx.prompts[1], align="right")
+    table = report.table
+    return [
+        Check(
+            "markov",
+            "patched logits == source logits, every layer (KL = 0.0)",
+            f"{int(table['bitwise_equal'].sum())}/{len(table)} layers bitwise, "
+            f"max KL {table['kl'].max():.3g}",
+            report.passed,
+            ctx.save(report.figure(), "markov"),
+        ),
+        Check(
+            "markov",
+            "control: unpatched target differs from source",
+            f"KL(source || target) = {table['control_kl'].iloc[0]:.3f} nats",
+            bool(table["control_kl"].iloc[0] > 0),
+        ),
+    ]

@@ -1,0 +1,137 @@
+"""The package's shape: no import cycles, files readable in one sitting, and no
+TransformerLens / transformers internals outside the adapter (residkit/_bridge/)."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "residkit"
+MODULES = {
+    ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): path
+    for path in PACKAGE.rglob("*.py")
+}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name | ast.Attribute) and "TYPE_CHECKING" in ast.unparse(
+        node.test
+    )
+
+
+def imports(module: str) -> set[str]:
+    """residkit modules ``module`` imports, at any depth (lazy imports included), except
+    ``if TYPE_CHECKING`` blocks, which never run."""
+    tree = ast.parse(MODULES[module].read_text())
+    is_package = MODULES[module].name == "__init__.py"
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("residkit"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                parts = module.split(".")[: len(module.split(".")) - node.level + is_package]
+                base = ".".join([*parts, *([base] if base else [])])
+            if base.startswith("residkit"):
+                for alias in node.names:
+                    sub = f"{base}.{alias.name}"
+                    found.add(sub if sub in MODULES else base)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {m for m in found if m in MODULES and m != module}
+
+
+def find_cycle() -> list[str] | None:
+    graph = {m: imports(m) for m in MODULES}
+    # Importing a submodule first runs its parents' __init__; the package's own __init__
+    # importing its children is not a cycle with them.
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if node.startswith(nxt + "."):  # a child importing its own package: cycles always
+                continue
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (found := dfs(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := dfs(module)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle() -> None:
+    cycle = find_cycle()
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_cycle(monkeypatch) -> None:
+    """Negative control: a lazy import of verify from an experiment module is a cycle."""
+    real = imports
+
+    def with_lazy_verify(module: str) -> set[str]:
+        out = real(module)
+        return out | {"residkit.verify"} if module == "residkit.markov" else out
+
+    monkeypatch.setitem(globals(), "imports", with_lazy_verify)
+    cycle = find_cycle()
+    assert cycle is not None and "residkit.markov" in cycle and "residkit.verify" in cycle
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_file_over_400_lines(module: str) -> None:
+    lines = MODULES[module].read_text().count("\n")
+    assert lines <= 400, f"{MODULES[module]} has {lines} lines"
+
+
+# Attributes that belong to TransformerLens's or transformers' internals: private names of
+# their objects, the HF module behind a bridge component, cache-layer machinery.
+INTERNALS = re.compile(
+    r"\.original_component\b|\.original_model\b|\._forward(_pre)?_hooks\b|\.fwd_hooks\b"
+    r"|\.bwd_hooks\b|\bDynamicLayer\b|\bcache_utils\b|\blazy_initialization\b|\bis_initialized\b"
+    r"|\.layers\[|\b_captured_pre_ln_residual\b|\buse_native_layernorm_autograd\b"
+    r"|\blayer_norm_folding\b|\bobject\.__setattr__\b|\b_tokenizer\b|\b_update_kv_cache\b"
+)
+
+
+def internals_outside_the_adapter() -> list[str]:
+    hits = []
+    for module, path in sorted(MODULES.items()):
+        if module.startswith("residkit._bridge"):
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if INTERNALS.search(line.split("#")[0]):
+                hits.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
+    return hits
+
+
+def test_internals_only_in_the_adapter() -> None:
+    assert internals_outside_the_adapter() == []
+
+
+def test_the_internals_search_finds_one(monkeypatch, tmp_path) -> None:
+    """Negative control: a module reaching for ``original_component`` is reported."""
+    stray = tmp_path / "stray.py"
+    stray.write_text("def f(attn):\n    return attn.k.original_component\n")
+    monkeypatch.setitem(MODULES, "residkit.stray", stray)
+    monkeypatch.setattr(
+        Path, "relative_to", lambda self, other: Path(self.name)
+    )  # the stray file lives outside the package
+    assert internals_outside_the_adapter() == ["stray.py:2: return attn.k.original_component"]
