@@ -57,6 +57,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from transformers import AutoModelForCausalLM
+
 import residkit
 from residkit import KVDirect, zoo
 from residkit.policies import FullCache, MemoryStats, NoCache
@@ -212,9 +214,12 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    model = residkit.load(
+    folder = (
         zoo.build("llama", size="tiny") if args.tiny else zoo.build("llama", config="smollm2-135m")
     )
+    model = residkit.load(folder)
+    # HF generate as a user runs it: its own model, not the one the bridge wraps.
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
     hf_cfg, cfg = model.original_model.config, model.cfg
     torch.manual_seed(0)
     prompt = torch.randint(0, hf_cfg.vocab_size, (1, args.prompt))
@@ -246,7 +251,7 @@ def main() -> None:
     for _ in range(1 if args.tiny else 3):
         with torch.no_grad():
             hf_out, secs = timed(
-                lambda: model.original_model.generate(
+                lambda: hf.generate(
                     prompt, do_sample=False, max_new_tokens=args.new, min_new_tokens=args.new
                 )
             )

@@ -40,6 +40,7 @@ from residkit._bridge import (
     CaptureCache,
     Captured,
     attn_norm,
+    cache_argument_shim,
     clear_pre_norm_capture,
     hf_config,
     hf_model,
@@ -307,6 +308,8 @@ class KVProjector:
             )
             try:
                 if whole_block:
+                    # The block hands attention its cache under transformers' own name.
+                    stack.enter_context(cache_argument_shim(self.model))
                     block(residual, **kwargs)
                 else:
                     attn(hidden_states=norm(residual) if norm is not None else residual, **kwargs)

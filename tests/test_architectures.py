@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import residkit
-from residkit._bridge import hf_config, hf_model, layer_kv
+from residkit._bridge import cached_forward, hf_config, layer_kv, new_cache
 from residkit.architectures import ARCH_TABLE, UnsupportedArchitectureError, spec_for
 
 
@@ -25,7 +25,8 @@ def test_key_hook_is_what_attention_consumes(family: str, model_for) -> None:
     spec = spec_for(model)
     tokens = model.to_tokens("keys are projections of the residual stream")
     _, cache = model.run_with_cache(tokens)
-    hf_cache = hf_model(model)(tokens, use_cache=True).past_key_values
+    hf_cache = new_cache(model)
+    cached_forward(model, tokens, hf_cache)
     for layer in range(model.cfg.n_layers):
         keys, values = layer_kv(hf_cache, layer)  # [batch, kv_heads, pos, d_head]
         kept = keys.shape[2]  # sliding-window layers keep only the window's tail

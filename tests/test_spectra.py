@@ -10,7 +10,7 @@ from plotly.callbacks import InputDeviceState, Points
 
 import residkit
 from residkit import zoo
-from residkit._bridge import hf_model, layer_kv
+from residkit._bridge import cached_forward, hf_model, layer_kv, new_cache
 from residkit.architectures import spec_for
 from residkit.spectra import (
     QKSpectra,
@@ -47,7 +47,8 @@ def test_bridge_weights_reproduce_the_model_projections(family: str, model_for) 
     tokens = model.to_tokens("keys are residual projections")
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens)
-        hf_keys = hf_model(model)(tokens, use_cache=True).past_key_values
+        hf_keys = new_cache(model)
+        cached_forward(model, tokens, hf_keys)
     for layer in range(model.cfg.n_layers):
         x = cache[f"blocks.{layer}.attn.hook_in"]
         source = (
