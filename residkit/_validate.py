@@ -12,7 +12,15 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["check_energy", "choice", "non_negative_int", "positive_int", "probability", "real"]
+__all__ = [
+    "check_energy",
+    "check_positions",
+    "choice",
+    "non_negative_int",
+    "positive_int",
+    "probability",
+    "real",
+]
 
 
 def _int(name: str, value: Any) -> int:
@@ -86,3 +94,19 @@ def check_energy(energy: Any) -> float:
     if math.isnan(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"energy must be in [0, 1], got {energy!r}")
     return value
+
+
+def check_positions(name: str, positions: Any) -> list[int]:
+    """``positions`` as a list of ints (a TypeError names a float, a bool or a non-sequence).
+
+    Example:
+        >>> check_positions("positions", range(3))
+        [0, 1, 2]
+    """
+    if isinstance(positions, str | bytes) or not isinstance(positions, Iterable):
+        raise TypeError(f"{name} must be a sequence of ints, got {positions!r:.80}")
+    values = positions.tolist() if hasattr(positions, "tolist") else list(positions)
+    bad = [p for p in values if isinstance(p, bool) or not isinstance(p, numbers.Integral)]
+    if bad:
+        raise TypeError(f"{name} must be ints, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return [int(p) for p in values]

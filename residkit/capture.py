@@ -5,7 +5,10 @@ the input of the final norm (``ln_final.hook_in``). :func:`capture_residuals` st
 one ``[layer, batch, pos, d_model]`` tensor with ``n_layers + 1`` layers.
 """
 
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -13,65 +16,116 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import temporary_hooks
+from residkit._entry import entry
 from residkit.architectures import spec_for
 
-__all__ = ["Inputs", "capture_residuals", "check_layers", "to_tokens"]
+__all__ = ["Inputs", "capture_residuals", "check_layer", "check_layers", "to_tokens"]
 
 Inputs = str | Sequence[str] | Tensor
 """A prompt, a list of prompts, or token ids ``[batch, pos]`` / ``[pos]``."""
 
 
-def to_tokens(model: TransformerBridge, inputs: Inputs) -> Int[Tensor, "batch pos"]:
-    """Token ids for ``inputs`` on the model's device, always 2-D.
+def to_tokens(
+    model: TransformerBridge, inputs: Inputs, *, extra: int = 0
+) -> Int[Tensor, "batch pos"]:
+    """Token ids for ``inputs`` on the model's device, always 2-D, checked.
 
-    Strings go through ``model.to_tokens`` (which prepends BOS where the model's tokenizer
-    expects it). A list of strings of different token lengths is right-padded by the bridge.
+    Strings are tokenised as the model's tokenizer does with its defaults (see
+    :func:`residkit.load`), never truncated. A list of strings of different token lengths is
+    padded on the tokenizer's padding side.
+
+    Args:
+        model: A bridge from :func:`residkit.load`.
+        inputs: A prompt, a list of prompts, or integer token ids ``[batch, pos]`` / ``[pos]``.
+        extra: Tokens the caller will add after these (decoding); counted against the context.
 
     Raises:
-        ValueError: empty prompt, empty list, float tensor, or tensor of more than 2 dims.
+        TypeError: ``inputs`` is none of those (None, a number, a list of non-strings), or a
+            float tensor.
+        ValueError: an empty prompt or list, a tensor of more than 2 dims, ids outside the
+            vocabulary, or more tokens than the model's context holds.
     """
     if isinstance(inputs, Tensor):
-        if inputs.is_floating_point():
-            raise ValueError(f"token tensor must be integer, got dtype {inputs.dtype}")
+        if inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor, got dtype {inputs.dtype}")
         tokens = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
         if tokens.ndim != 2:
             raise ValueError(
                 f"token tensor must be [batch, pos] or [pos], got shape {tuple(inputs.shape)}"
             )
+        if tokens.numel():
+            low, high = int(tokens.min()), int(tokens.max())
+            vocab = int(model.cfg.d_vocab)
+            if low < 0 or high >= vocab:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} is outside the vocabulary 0..{vocab - 1}")
     else:
-        prompts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if isinstance(inputs, str):
+            prompts = [inputs]
+        elif isinstance(inputs, Sequence) and all(isinstance(p, str) for p in inputs):
+            prompts = list(inputs)
+        else:
+            raise TypeError(
+                "inputs must be a string, a list of strings or an integer token tensor, "
+                f"got {inputs!r:.80} ({type(inputs).__name__})"
+            )
         if not prompts:
             raise ValueError("inputs is an empty list of prompts")
-        if any(not isinstance(p, str) for p in prompts):
-            raise ValueError("inputs must be a string, a list of strings or a token tensor")
         if any(p == "" for p in prompts):
             raise ValueError("empty prompt: residkit needs at least one character of text")
-        tokens = model.to_tokens(prompts if len(prompts) > 1 else prompts[0])
+        tokens = model.to_tokens(prompts if len(prompts) > 1 else prompts[0], truncate=False)
     if tokens.shape[-1] == 0 or tokens.shape[0] == 0:
         raise ValueError(f"empty token tensor of shape {tuple(tokens.shape)}")
+    n_ctx = int(model.cfg.n_ctx)
+    if tokens.shape[1] + extra > n_ctx:
+        more = f" + {extra} to generate" if extra else ""
+        raise ValueError(
+            f"{tokens.shape[1]} tokens{more} exceed the model's context of {n_ctx} tokens"
+        )
     return tokens.to(model.cfg.device)
 
 
 def check_layers(
     model: TransformerBridge, layers: Sequence[int] | None, *, final: bool = True
 ) -> list[int]:
-    """Validate residual-layer indices; ``n_layers`` (the final residual) allowed if ``final``."""
+    """Validate residual-layer indices; ``n_layers`` (the final residual) allowed if ``final``.
+
+    Raises:
+        TypeError: a layer that is not an int (a bool or a float included).
+        ValueError: an empty list, or a layer out of range.
+    """
     n = model.cfg.n_layers
     top = n if final else n - 1
     if layers is None:
         return list(range(top + 1))
-    out = [int(layer) for layer in layers]
+    if isinstance(layers, str) or not isinstance(layers, Sequence | range):
+        raise TypeError(f"layers must be a list of ints, got {layers!r:.80}")
+    out = [check_layer(model, layer, final=final) for layer in layers]
     if not out:
         raise ValueError("layers is empty")
-    bad = [layer for layer in out if not 0 <= layer <= top]
-    if bad:
-        raise ValueError(
-            f"layer(s) {bad} out of range: this model has {n} layers, so residual layers run 0..{top}"
-            + (f" ({n} = after the last block)" if final else "")
-        )
     return out
 
 
+def check_layer(model: TransformerBridge, layer: object, *, final: bool = True) -> int:
+    """One residual-layer index, checked (see :func:`check_layers`)."""
+    n = model.cfg.n_layers
+    top = n if final else n - 1
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise TypeError(f"layer indices must be ints, got {layer!r} ({type(layer).__name__})")
+    value = int(layer)
+    if not 0 <= value <= top:
+        raise ValueError(
+            f"layer(s) [{value}] out of range: this model has {n} layers, so residual layers "
+            f"run 0..{top}" + (f" ({n} = after the last block)" if final else "")
+        )
+    return value
+
+
+def _keep(store: dict[Any, Any], key: Any, act: Tensor, hook: object) -> None:
+    store[key] = act.detach().clone()
+
+
+@entry
 @torch.no_grad()
 def capture_residuals(
     model: TransformerBridge,
@@ -92,7 +146,9 @@ def capture_residuals(
         saw, so they equal ``run_with_cache`` bitwise.
 
     Raises:
-        ValueError: empty prompt, or a layer out of range.
+        TypeError: not a model, inputs of the wrong type, a layer that is not an int.
+        ValueError: empty prompt, ids outside the vocabulary, more tokens than the context,
+            or a layer out of range.
 
     Example:
         >>> import residkit
@@ -105,15 +161,10 @@ def capture_residuals(
     tokens = to_tokens(model, inputs)
     n = model.cfg.n_layers
     store: dict[int, Tensor] = {}
-
-    def saver(layer: int) -> Callable[..., None]:
-        # Bound per layer: the bridge reports canonical names (hook_in), not the alias we asked.
-        def save(act: Tensor, hook: object) -> None:
-            store[layer] = act.detach().clone()
-
-        return save
-
-    hooks = [(spec.resid_hook(layer, n), saver(layer)) for layer in sorted(set(wanted))]
+    # Keyed by layer: the bridge reports canonical names (hook_in), not the alias we asked.
+    hooks = [
+        (spec.resid_hook(layer, n), partial(_keep, store, layer)) for layer in sorted(set(wanted))
+    ]
     with temporary_hooks(model, hooks):
         model(tokens, return_type=None)
     return torch.stack([store[layer] for layer in wanted])

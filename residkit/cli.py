@@ -52,24 +52,42 @@ def _models(args: argparse.Namespace) -> int:
             removed = registry.remove(args.name)
             print(f"removed {args.name}" if removed else f"{args.name} was not cached")
     except (OSError, ValueError) as err:
-        print(f"residkit models: {err}", file=sys.stderr)
-        return 2
+        return _fail("models", err)
     return 0
+
+
+def _fail(command: str, message: object) -> int:
+    """One line on stderr, exit status 2: what a user gets for a bad argument or input."""
+    text = " ".join(str(message).split())
+    print(f"residkit {command}: {text}", file=sys.stderr)
+    return 2
 
 
 def _verify(args: argparse.Namespace) -> int:
     import pandas as pd
 
     import residkit
-    from residkit.verify import verify
+    from residkit.verify import SECTIONS, verify
 
+    unknown = sorted(set(args.section or []) - set(SECTIONS))
+    if unknown:
+        return _fail("verify", f"unknown verify section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    if not args.no_figures:
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+            probe = args.out / ".residkit-write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            return _fail("verify", f"cannot write figures to {args.out} ({err.strerror or err})")
     t0 = time.perf_counter()
     try:
         target = _resolve(args.model)
         model = residkit.load(target)
-    except (OSError, ValueError) as err:
-        print(f"residkit verify: {err}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError, TypeError) as err:
+        return _fail("verify", err)
+    except Exception as err:  # a corrupt checkpoint surfaces as whatever its reader raises
+        return _fail("verify", f"cannot load {args.model}: {type(err).__name__}: {err}")
     load_s = time.perf_counter() - t0
 
     def progress(section: str) -> None:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import hf_config, n_kv_heads
+from residkit._entry import entry
 from residkit._validate import non_negative_int, positive_int
 from residkit.architectures import spec_for
 from residkit.capture import to_tokens
@@ -123,6 +124,8 @@ class PolicyComparison:
 
 
 def _resolve(policies: Sequence[str | PolicyFactory] | None) -> list[tuple[str, PolicyFactory]]:
+    if isinstance(policies, str) or not (policies is None or isinstance(policies, Sequence)):
+        raise TypeError(f"policies must be a list of names or callables, got {policies!r:.80}")
     chosen = list(POLICIES) if policies is None else list(policies)
     out: list[tuple[str, PolicyFactory]] = []
     for p in chosen:
@@ -138,12 +141,15 @@ def _resolve(policies: Sequence[str | PolicyFactory] | None) -> list[tuple[str, 
 
 
 def _prompt_list(prompts: str | Tensor | Sequence[str | Tensor]) -> list[str | Tensor]:
+    if not isinstance(prompts, str | Tensor | Sequence):
+        raise TypeError(f"prompts must be a prompt or a list of prompts, got {prompts!r:.80}")
     items = [prompts] if isinstance(prompts, str | Tensor) else list(prompts)
     if not items:
         raise ValueError("prompts is empty; pass a prompt or a list of prompts")
     return items
 
 
+@entry
 @torch.no_grad()
 def compare_policies(
     model: TransformerBridge,
@@ -190,6 +196,8 @@ def compare_policies(
         (100.0, 0.0)
     """
     positive_int("max_new_tokens", max_new_tokens)
+    if isinstance(budgets, str) or not isinstance(budgets, Sequence | range):
+        raise TypeError(f"budgets must be a list of ints, got {budgets!r:.80}")
     budgets = list(budgets)
     if not budgets:
         raise ValueError("budgets is empty; pass at least one K/V budget")
@@ -261,6 +269,7 @@ def compare_policies(
     return PolicyComparison(rows=rows, steps=pd.DataFrame(steps))
 
 
+@entry
 @torch.no_grad()
 def kept_positions(
     model: TransformerBridge,

@@ -39,14 +39,54 @@ def _hint(name: str) -> str:
     )
 
 
-def _check_folder(path: Path) -> None:
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _check_folder(path: Path, allow_pickle: bool) -> None:
     if not (path / "config.json").exists():
         raise ModelNotFoundError(f"{path} has no config.json; it is not a checkpoint folder")
-    if not any(path.glob("*.safetensors")):
+    if not allow_pickle and not any((path / name).exists() for name in WEIGHTS):
+        others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         raise ModelNotFoundError(
-            f"{path} has no .safetensors weights; residkit loads only safetensors "
-            "(pickle-based .bin files can run arbitrary code when loaded)"
+            f"{path} has no {' or '.join(WEIGHTS)}; residkit loads only safetensors "
+            "(pickle-based weights can run arbitrary code when loaded"
+            + (f"; found {', '.join(others)}, which residkit does not open" if others else "")
+            + "). Pass allow_pickle=True if you trust the files."
         )
+
+
+def _load_hf(target: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool) -> Any:
+    """The HF model, from safetensors only (unless allowed), every tensor accounted for."""
+    from transformers import AutoModelForCausalLM
+
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
+        target,
+        dtype=dtype,
+        attn_implementation="eager",  # what the bridge runs; hook_pattern needs it
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+        output_loading_info=True,
+    )
+    model, info = loaded
+    problems = {
+        kind: sorted(info.get(key) or [])
+        for kind, key in (
+            ("missing", "missing_keys"),
+            ("unexpected", "unexpected_keys"),
+            ("of the wrong shape", "mismatched_keys"),
+        )
+    }
+    found = {kind: names for kind, names in problems.items() if names}
+    if found:
+        listing = "; ".join(
+            f"{len(names)} {kind}: {', '.join(map(str, names[:8]))}{' ...' if len(names) > 8 else ''}"
+            for kind, names in found.items()
+        )
+        raise ValueError(
+            f"the weights in {target} do not match the model's config ({listing}); a missing "
+            "tensor would be randomly initialised, so residkit refuses to load it"
+        )
+    return model
 
 
 def _resolve_hub(name: str) -> Path | None:
@@ -112,6 +152,7 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> TransformerBridge:
     """Boot a causal LM as a ``TransformerBridge``.
 
@@ -129,6 +170,8 @@ def load(
         device: Torch device; ``None`` lets TransformerLens choose.
         dtype: Parameter dtype.
         trust_remote_code: Passed to transformers; off unless you ask.
+        allow_pickle: Also load pickle-based weights (``pytorch_model.bin``); off unless you
+            ask, since unpickling can run arbitrary code.
 
     Returns:
         The bridge, in eval mode.
@@ -138,6 +181,8 @@ def load(
         ModelFetchError: a real model could not be fetched or converted (the message says why
             and how to go on).
         UnsupportedArchitectureError: the model loads but residkit has no row for its family.
+        ValueError: an empty name, or weights that do not match the config (missing,
+            unexpected or mis-shaped tensors, listed).
 
     Example:
         >>> import residkit
@@ -147,6 +192,8 @@ def load(
     """
     from residkit.registry import REAL_MODELS, fetch
 
+    if not isinstance(name_or_path, str | os.PathLike):
+        raise TypeError(f"load() takes a name or a folder, got {name_or_path!r:.80}")
     name = os.fspath(name_or_path)
     if not name.strip():
         raise ValueError("load() needs a model name or folder, got an empty string")
@@ -164,8 +211,11 @@ def load(
         if folder is None:
             _probe_hub(name)
     if folder is not None:
-        _check_folder(folder)
+        _check_folder(folder, allow_pickle)
     target = str(folder) if folder is not None else name
+    hf = _load_hf(target, dtype, trust_remote_code, allow_pickle)
+    if device is not None:
+        hf = hf.to(device)
     tokenizer = _default_tokenizer(target, trust_remote_code)
     # The bridge edits the tokenizer it is given, and reloads from disk one whose
     # add_bos_token is off (a second read of Gemma's 262k-token tokenizer); its copy is
@@ -178,6 +228,7 @@ def load(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         tokenizer=for_bridge,
+        hf_model=hf,
     )
     model.eval()
     _use_default_tokenizer(model, tokenizer)

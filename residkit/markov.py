@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._entry import entry
 from residkit._validate import choice
 from residkit.architectures import spec_for
 from residkit.capture import Inputs, capture_residuals, check_layers, to_tokens
@@ -117,6 +118,7 @@ def _align(
     return src[:, -k:], tgt[:, -k:]
 
 
+@entry
 @torch.no_grad()
 def markov_test(
     model: TransformerBridge,
@@ -238,6 +240,7 @@ class CrossTaskReport:
         return fig
 
 
+@entry
 def cross_task_suite(
     model: TransformerBridge,
     *,

@@ -17,12 +17,15 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import skipped_blocks, temporary_hooks
+from residkit._entry import entry
+from residkit._validate import check_positions
 from residkit.architectures import spec_for
-from residkit.capture import Inputs, capture_residuals, check_layers, to_tokens
+from residkit.capture import Inputs, capture_residuals, check_layer, to_tokens
 
 __all__ = ["patch_residual", "patching_heatmap", "patching_sweep"]
 
 
+@entry
 @torch.no_grad()
 def patch_residual(
     model: TransformerBridge,
@@ -56,9 +59,11 @@ def patch_residual(
         True
     """
     n = model.cfg.n_layers
-    (layer,) = check_layers(model, [layer])
+    layer = check_layer(model, layer)
     tokens = to_tokens(model, inputs)
     expected = (*tokens.shape, model.cfg.d_model)
+    if not isinstance(residual, Tensor) or not residual.is_floating_point():
+        raise TypeError(f"residual must be a float tensor, got {residual!r:.80}")
     if residual.ndim == 2:
         residual = residual.unsqueeze(0)
     if tuple(residual.shape) != expected:
@@ -67,7 +72,7 @@ def patch_residual(
             f"[batch, pos, d_model] = {list(expected)}"
         )
     if positions is not None:
-        positions = [int(p) for p in positions]
+        positions = check_positions("positions", positions)
         bad = [p for p in positions if not -tokens.shape[1] <= p < tokens.shape[1]]
         if not positions or bad:
             raise ValueError(
@@ -90,6 +95,7 @@ def patch_residual(
         return model(tokens)
 
 
+@entry
 @torch.no_grad()
 def patching_sweep(
     model: TransformerBridge,

@@ -27,6 +27,7 @@ controls):
 """
 
 import operator
+import re
 from collections.abc import Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -121,6 +122,60 @@ def project_rows(linear: nn.Module, x: Tensor, start: int, length: int) -> Tenso
     return linear(piece)
 
 
+# Hook points inside attention that cannot change K or V: the query side, the scores and
+# pattern, the output side. An edit there is seen by the real forward and irrelevant to a
+# recompute, which stops at the cache write.
+_QUERY_SIDE = re.compile(
+    r"\.attn\.(q|q_norm|o)\.|\.attn\.hook_(q_input|rot_q|q_normed|attn_scores|pattern|result|z|out)$"
+)
+
+
+class _Projection:
+    """A K or V projection's replacement forward: the original GEMM shapes, and optionally a
+    copy of the output per head (the pre-rotary keys)."""
+
+    def __init__(
+        self,
+        linear: nn.Module,
+        sizes: list[tuple[int, int]] | None,
+        record: list[Tensor] | None = None,
+        d_head: int = 0,
+    ) -> None:
+        self.linear, self.sizes, self.record, self.d_head = linear, sizes, record, d_head
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.sizes is None:
+            out = self.linear(x)
+        else:
+            pieces = [project_rows(self.linear, x, s, n) for s, n in self.sizes]
+            out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
+        if self.record is not None:
+            self.record.append(out.unflatten(-1, (-1, self.d_head)))
+        return out
+
+
+class _HFNorm:
+    """The norm bridge's replacement forward: the HF norm itself. With hooks muted nobody
+    observes the bridge's hook_scale / hook_normalized, so their copy of the norm is skipped."""
+
+    def __init__(self, hf_norm: nn.Module) -> None:
+        self.hf_norm = hf_norm
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out = self.hf_norm(x)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+class _NoQuery:
+    """Q's replacement forward: K and V never read Q, so it is zero-width (or zero)."""
+
+    def __init__(self, width: int) -> None:
+        self.width = width
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return x.new_zeros(()).expand(*x.shape[:-1], self.width)
+
+
 class KVProjector:
     """Recomputes one layer's K and V from the residual entering it.
 
@@ -171,19 +226,25 @@ class KVProjector:
             return self.rotary(like, position_ids, self.spec.layer_type(self.config, layer))
         return self.rotary(like, position_ids)
 
+    def kv_path_points(self, layer: int) -> list[HookPoint]:
+        """The hook points between block ``layer``'s input and its cache write: its norm, the
+        K/V side of attention (the whole block under split-QKV settings) and the rotary module.
+
+        A recompute runs with these muted, so a hook that edits an activation there makes
+        recomputed K/V differ from the model's own.
+        """
+        block = self.model.blocks[layer]
+        points = (
+            hook_points(block)
+            if self._needs_block()
+            else hook_points(self._norm(layer)) + hook_points(block.attn)
+        )
+        kept = [p for p in points if not _QUERY_SIDE.search(str(p.name))]
+        return kept + self._rotary_points
+
     def _norm(self, layer: int) -> Any:
         """The norm feeding the block's Q/K/V (a bridge component), or None (OLMo 2: none)."""
         return attn_norm(self.model, layer, self.spec.attn_norm_path)
-
-    @staticmethod
-    def _norm_forward(hf_norm: nn.Module) -> Any:
-        # With hooks muted nobody observes the bridge's hook_scale / hook_normalized, so the
-        # recompute calls the HF norm directly and skips the observers' copy of the norm.
-        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            out = hf_norm(x)
-            return out if out.dtype == x.dtype else out.to(x.dtype)
-
-        return forward
 
     def _needs_block(self) -> bool:
         """Whether attention reads the pre-norm residual only the block hands it."""
@@ -264,40 +325,25 @@ class KVProjector:
             position_embeddings = self.position_embeddings(layer, residual, position_ids, chunks)
         attn: Any = block.attn
         pre: list[Tensor] = []
-
-        def projection(bridge: Any, record: bool) -> Any:
-            lin = linear(bridge)
-
-            def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-                if chunks is None:
-                    out = lin(x)
-                else:
-                    pieces = [project_rows(lin, x, s, n) for s, n in run_sizes(chunks)]
-                    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
-                if record:
-                    pre.append(out.unflatten(-1, (-1, self.model.cfg.d_head)))
-                return out
-
-            return forward
-
         q_width = (
             0
             if self.spec.query_placeholder == "empty"
             else int(getattr(linear(attn.q), "out_features", 0))
         )
-
-        def no_query(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            return x.new_zeros(()).expand(*x.shape[:-1], q_width)
+        no_query = _NoQuery(q_width)
+        sizes = None if chunks is None else run_sizes(chunks)
+        d_head = int(self.model.cfg.d_head)
 
         with ExitStack() as stack:
             stack.enter_context(muted(self._points[layer, whole_block]))
             norm = self._norm(layer)
             hf_norm = native_norm(norm)
             if hf_norm is not None:
-                stack.enter_context(replaced_forward([norm], self._norm_forward(hf_norm)))
+                stack.enter_context(replaced_forward([norm], _HFNorm(hf_norm)))
+            keys = _Projection(linear(attn.k), sizes, pre if pre_rotary_keys else None, d_head)
             stack.enter_context(replaced_forward([attn.q], no_query))
-            stack.enter_context(replaced_forward([attn.k], projection(attn.k, pre_rotary_keys)))
-            stack.enter_context(replaced_forward([attn.v], projection(attn.v, False)))
+            stack.enter_context(replaced_forward([attn.k], keys))
+            stack.enter_context(replaced_forward([attn.v], _Projection(linear(attn.v), sizes)))
             kwargs = dict(
                 attention_mask=None,
                 position_ids=position_ids,

@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._entry import entry
 from residkit.spectra import QKSpectra, check_energy, qk_spectra
 
 __all__ = ["QUANTISABLE", "RequantisationEffect", "requantisation_effect", "requantise"]
@@ -72,8 +73,12 @@ def requantise(
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
-    if qtype not in QUANTISABLE:
+    if not isinstance(qtype, str) or qtype not in QUANTISABLE:
         raise ValueError(f"cannot quantise to {qtype!r}; gguf's quantiser implements {QUANTISABLE}")
+    if not isinstance(w, Tensor) or not w.is_floating_point() or w.ndim < 2 or not w.numel():
+        raise ValueError(
+            f"w must be a non-empty float tensor [..., d_model, d_head], got {w!r:.80}"
+        )
     kind = GGMLQuantizationType[qtype]
     block = GGML_QUANT_SIZES[kind][0]
     d_model = w.shape[-2]
@@ -161,6 +166,7 @@ def _default_qtype(model: TransformerBridge) -> str:
     )
 
 
+@entry
 @torch.no_grad()
 def requantisation_effect(
     model: TransformerBridge,

@@ -14,8 +14,10 @@ which rows differ. So ``mode="exact"`` recomputes every original chunk with its 
 recomputes all positions in one call and reports the max error. See ``docs/gemm_shapes.md``.
 """
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import pandas as pd
@@ -25,9 +27,18 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._bridge import cached_forward, hf_config, layer_kv, new_cache, temporary_hooks
+from residkit._bridge import (
+    cached_forward,
+    hf_config,
+    hooked,
+    layer_kv,
+    new_cache,
+    point_names,
+    temporary_hooks,
+)
 from residkit._bridge.contract import check_contract
-from residkit._validate import choice, non_negative_int
+from residkit._entry import entry
+from residkit._validate import check_positions, choice, non_negative_int
 from residkit.architectures import spec_for
 from residkit.capture import Inputs, capture_residuals, to_tokens
 from residkit.projector import KVProjector
@@ -57,6 +68,7 @@ def recompute_layer(
     )
 
 
+@entry
 @torch.no_grad()
 def recompute_kv(
     model: TransformerBridge,
@@ -79,7 +91,10 @@ def recompute_kv(
         rotary (with the layer's own rope base on Gemma 3).
 
     Raises:
-        ValueError: layer out of range, residual of the wrong width, positions of wrong length.
+        TypeError: a layer or positions that are not ints, a residual that is not a float
+            ``[batch, pos, d_model]`` tensor.
+        ValueError: layer out of range, residual of the wrong width, positions of wrong length,
+            or user hooks on the layer's recompute path (which a recompute would not run).
 
     Example:
         >>> import residkit
@@ -90,13 +105,29 @@ def recompute_kv(
         torch.Size([1, 2, 4, 16])
     """
     n = model.cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
+        raise TypeError(f"layer must be an int, got {layer!r} ({type(layer).__name__})")
     if not 0 <= layer < n:
         raise ValueError(f"layer {layer} out of range: this model has blocks 0..{n - 1}")
+    if not isinstance(residual, Tensor) or not residual.is_floating_point() or residual.ndim != 3:
+        raise TypeError(
+            f"residual must be a float tensor [batch, pos, d_model], got {residual!r:.80}"
+        )
     if residual.shape[-1] != model.cfg.d_model:
         raise ValueError(
             f"residual has width {residual.shape[-1]} but d_model is {model.cfg.d_model}"
         )
-    pos = torch.as_tensor(list(positions) if not isinstance(positions, Tensor) else positions)
+    if not residual.shape[0] or not residual.shape[1]:
+        raise ValueError(f"residual is empty: shape {tuple(residual.shape)}")
+    weights = next(model.parameters()).dtype
+    if residual.dtype != weights:
+        raise ValueError(f"residual is {residual.dtype} but the model computes in {weights}")
+    if isinstance(positions, Tensor):
+        if positions.is_floating_point() or positions.dtype == torch.bool:
+            raise TypeError(f"positions must be integers, got a {positions.dtype} tensor")
+        pos = positions
+    else:
+        pos = torch.as_tensor(check_positions("positions", positions), dtype=torch.long)
     pos = pos.to(device=residual.device, dtype=torch.long)
     if pos.ndim == 1:
         pos = pos.unsqueeze(0).expand(residual.shape[0], -1)
@@ -107,7 +138,16 @@ def recompute_kv(
         )
     if (pos < 0).any():
         raise ValueError("positions must be non-negative absolute positions")
-    keys, values, _ = recompute_layer(model, layer, residual, pos)
+    projector = KVProjector(model)
+    busy = hooked(projector.kv_path_points(layer))
+    if busy:
+        names = point_names(model, {str(p.name) for p in busy})
+        raise ValueError(
+            f"hooks at {names} sit between layer {layer}'s input and its cache write; "
+            "recompute_kv runs with hooks muted, so its K/V would not be what the hooked model "
+            "stores. Remove those hooks first"
+        )
+    keys, values, _ = projector(layer, residual, pos)
     return keys, values
 
 
@@ -153,6 +193,11 @@ def _err(a: Tensor, b: Tensor) -> tuple[bool, float]:
     return torch.equal(a, b), (a.double() - b.double()).abs().max().item()
 
 
+def _append(store: dict[str, list[Tensor]], name: str, act: Tensor, hook: object) -> None:
+    store.setdefault(name, []).append(act.detach().clone())
+
+
+@entry
 @torch.no_grad()
 def kv_reconstruction_report(
     model: TransformerBridge,
@@ -186,7 +231,7 @@ def kv_reconstruction_report(
     choice("mode", mode, MODES)
     non_negative_int("decode_steps", decode_steps)
     spec = spec_for(model)
-    tokens = to_tokens(model, inputs)
+    tokens = to_tokens(model, inputs, extra=decode_steps)
     if tokens.shape[0] != 1:
         raise ValueError(
             f"kv_reconstruction_report takes one prompt, got a batch of {tokens.shape[0]}"
@@ -194,16 +239,11 @@ def kv_reconstruction_report(
     n = model.cfg.n_layers
     key_hook = spec.key_hook or spec.pre_rotary_key_hook
     store: dict[str, list[Tensor]] = {}
-
-    def saver(name: str) -> Any:
-        def save(act: Tensor, hook: object) -> None:
-            store.setdefault(name, []).append(act.detach().clone())
-
-        return save
-
     names = [spec.resid_pre_hook, key_hook, spec.value_hook]
     hooks = [
-        (h.format(layer=layer), saver(h.format(layer=layer))) for layer in range(n) for h in names
+        (h.format(layer=layer), partial(_append, store, h.format(layer=layer)))
+        for layer in range(n)
+        for h in names
     ]
     check_contract(model)
     cache = new_cache(model)
@@ -258,6 +298,7 @@ def kv_reconstruction_report(
     return KVReport(rows=rows, mode=mode, chunks=chunks, family=spec.family)
 
 
+@entry
 @torch.no_grad()
 def gemm_shape_finding(
     model: TransformerBridge,

@@ -60,6 +60,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import hf_model, n_kv_heads, norms_folded
+from residkit._entry import entry
 from residkit._validate import check_energy
 from residkit.architectures import spec_for
 from residkit.qk_svd import explicit_qk_svdvals, kv_head_of, layers_per_chunk, qk_singular_values
@@ -274,6 +275,7 @@ def _attn_norm_gains(
     return torch.stack(gains), f"folded diag(w + {spec.norm_offset:g}) of {spec.attn_norm_path}"
 
 
+@entry
 @torch.no_grad()
 def qk_spectra(
     model: TransformerBridge,
@@ -311,6 +313,10 @@ def qk_spectra(
         >>> spectra.fold_norm, spectra.norm_folded
         (True, False)
     """
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if not isinstance(fold_norm, bool):
+        raise TypeError(f"fold_norm must be True or False, got {fold_norm!r}")
     spec = spec_for(model)
     cfg = model.cfg
     n_heads = int(cfg.n_heads)

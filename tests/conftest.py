@@ -84,6 +84,22 @@ def family(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+class Boom(RuntimeError):
+    """Raised by :func:`failing_forward`'s hook."""
+
+
+@contextmanager
+def failing_forward(model: TransformerBridge, layer: int = 2) -> Iterator[None]:
+    """A user hook that raises in the middle of every forward (block ``layer``'s input), so a
+    test can check residkit removes what it added when a forward fails."""
+
+    def boom(act: torch.Tensor, hook: object) -> None:
+        raise Boom(f"failure inside block {layer}")
+
+    with model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", boom)]):
+        yield
+
+
 @contextmanager
 def raises_naming(name: str, value: object) -> Iterator[None]:
     """Expect a TypeError or ValueError whose message names the argument and its value.

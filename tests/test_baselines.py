@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import torch
 
-from residkit._bridge import hf_config
+from residkit._bridge import cached_forward, hf_config
 from residkit.architectures import spec_for
 from residkit.comparison import POLICIES, compare_policies, kept_positions
 from residkit.generation import Generation, generate
@@ -17,6 +17,7 @@ from residkit.policies.snapkv import SnapKV, snapkv_keep
 from residkit.policies.streaming import StreamingLLM, streaming_keep
 from residkit.policies.tova import TOVA, tova_keep
 from residkit.policies.window import Window, window_keep
+from tests.conftest import Boom, failing_forward
 
 PROMPT = "Heavy hitters, sinks and windows: which tokens does attention need?"
 MARGIN = 1e-3  # scores closer than this would let a tie decide the kept set
@@ -157,9 +158,9 @@ def test_multi_token_chunk_after_eviction_stays_causal(model_for) -> None:
     chunk = model.to_tokens("mnopq", prepend_bos=False)
     before = copy.deepcopy(session.cache)
     with torch.no_grad():
-        rows = model(chunk, past_key_values=session.cache)[0]
+        rows = cached_forward(model, chunk, session.cache)[0]
         for k in range(1, chunk.shape[1] + 1):
-            alone = model(chunk[:, :k], past_key_values=copy.deepcopy(before))[0, -1]
+            alone = cached_forward(model, chunk[:, :k], copy.deepcopy(before))[0, -1]
             torch.testing.assert_close(alone, rows[k - 1], atol=1e-4, rtol=0)
 
 
@@ -391,5 +392,5 @@ def test_no_hooks_left_after_an_error_inside_a_forward(
     name: str, model_for, no_leaked_hooks
 ) -> None:
     model = model_for("llama")
-    with no_leaked_hooks(model), pytest.raises(IndexError):
-        generate(model, torch.tensor([[1, 2, 10_000]]), max_new_tokens=3, policy=REF_POLICIES[name])
+    with failing_forward(model), no_leaked_hooks(model), pytest.raises(Boom):
+        generate(model, PROMPT, max_new_tokens=3, policy=REF_POLICIES[name])

@@ -5,6 +5,7 @@ import torch
 
 import residkit
 from residkit.architectures import spec_for
+from tests.conftest import Boom, failing_forward
 
 PROMPT = "Residual streams carry everything: 1 + 2 = 3."
 
@@ -46,7 +47,6 @@ def test_batch_of_prompts_and_token_tensor(model_for) -> None:
         ([], {}, "empty list"),
         ("hi", {"layers": [5]}, r"layer\(s\) \[5\] out of range: this model has 4 layers"),
         ("hi", {"layers": [-1]}, "out of range"),
-        (torch.zeros(1, 3), {}, "must be integer"),
     ],
 )
 def test_bad_input(inputs, kwargs, message, model_for, no_leaked_hooks) -> None:
@@ -55,8 +55,12 @@ def test_bad_input(inputs, kwargs, message, model_for, no_leaked_hooks) -> None:
         residkit.capture_residuals(model, inputs, **kwargs)
 
 
+def test_a_float_tensor_is_not_token_ids(model_for) -> None:
+    with pytest.raises(TypeError, match="must be an integer tensor"):
+        residkit.capture_residuals(model_for("llama"), torch.zeros(1, 3))
+
+
 def test_hooks_removed_when_forward_raises(model_for, no_leaked_hooks) -> None:
     model = model_for("llama")
-    bad_tokens = torch.tensor([[1, 2, 10_000]])  # beyond the vocabulary: embedding raises
-    with no_leaked_hooks(model), pytest.raises(IndexError):
-        residkit.capture_residuals(model, bad_tokens)
+    with failing_forward(model), no_leaked_hooks(model), pytest.raises(Boom):
+        residkit.capture_residuals(model, "ab")

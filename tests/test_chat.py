@@ -50,7 +50,7 @@ def test_plain_text_chat_on_a_model_without_a_template(model_for) -> None:
     ("text", "n", "message"),
     [
         ("", 4, "empty message"),
-        ("hi", 0, "max_new_tokens must be >= 1, got 0"),
+        ("hi", 0, "max_new_tokens must be a positive int, got 0"),
         ("hi", 5000, "beyond the model's context"),
     ],
 )

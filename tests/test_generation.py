@@ -64,12 +64,12 @@ def test_full_cache_bytes_match_the_formula(model_for) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"max_new_tokens": -1}, "max_new_tokens must be >= 0, got -1"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be a non-negative int, got -1"),
         ({"temperature": 0.0, "do_sample": True}, "temperature must be > 0"),
-        ({"top_k": 0}, "top_k must be >= 1"),
+        ({"top_k": 0}, "top_k must be a positive int, got 0"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"policy": "paged"}, "unknown cache policy 'paged'"),
-        ({"max_new_tokens": 5000}, "exceeds the model's context of 2048"),
+        ({"max_new_tokens": 5000}, "5000 to generate exceed the model's context of 2048"),
     ],
 )
 def test_bad_input(kwargs, message, model_for, no_leaked_hooks) -> None:

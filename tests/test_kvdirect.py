@@ -6,8 +6,8 @@ import torch
 import residkit
 from residkit import KVDirect
 from residkit.generation import generate, generate_kvdirect
-from residkit.policies.kvdirect import ResidualCheckpoints
-from tests.conftest import full_reference, get_hf, get_model, raises_naming
+from residkit.policies.checkpoints import ResidualCheckpoints
+from tests.conftest import Boom, failing_forward, full_reference, get_hf, get_model, raises_naming
 
 TEXT = "The residual stream is all you need, says the paper; we check it here, live, now."
 N_NEW = 48
@@ -195,9 +195,9 @@ def test_bad_policy(make, message) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"max_new_tokens": -1}, "max_new_tokens must be >= 0"),
+        ({"max_new_tokens": -1}, "max_new_tokens must be a non-negative int"),
         ({"budget": -3}, "budget must be a non-negative int"),
-        ({"max_new_tokens": 3000}, "exceeds the model's context"),
+        ({"max_new_tokens": 3000}, "exceed the model's context"),
     ],
 )
 def test_bad_input(kwargs, message, model_for, no_leaked_hooks) -> None:
@@ -225,8 +225,8 @@ def test_unknown_checkpoint_or_mode(
 
 def test_hooks_removed_when_a_forward_raises(model_for, no_leaked_hooks) -> None:
     model = model_for("llama")
-    with no_leaked_hooks(model), pytest.raises(IndexError):
-        generate_kvdirect(model, torch.tensor([[1, 2, 10_000]]), max_new_tokens=3, budget=1)
+    with failing_forward(model), no_leaked_hooks(model), pytest.raises(Boom):
+        generate_kvdirect(model, PROMPT, max_new_tokens=3, budget=1)
     assert residkit.generate_kvdirect is generate_kvdirect
 
 
@@ -249,3 +249,57 @@ def test_recomputed_tokens_count_what_each_mode_must_compute(mode: str, model_fo
     )
     per_layer = {"fast": 6 + 7 + 8 + 9, "exact": 4 * 10}[mode]
     assert gen.stats.recomputed_tokens == per_layer * model.cfg.n_layers
+
+
+def test_chunked_prefill_bounds_every_forward(monkeypatch) -> None:
+    """1,000 prompt tokens at budget 8, fed 8 at a time: during every forward each layer's
+    stored K/V hold at most 8 + 8 tokens, and the recomputed K/V at most one layer's worth
+    of the tokens seen so far; asserted from the cache objects, and both reported."""
+    from residkit.policies.kvdirect import KVDirectLayer
+
+    model = get_model("llama")
+    cfg = model.cfg
+    per_token_layer = 2 * cfg.n_key_value_heads * cfg.d_head * 4  # K and V, float32
+    stored: list[int] = []
+    recomputed: list[tuple[int, int]] = []
+    real_append = KVDirectLayer.append
+
+    def watched(self, keys, values):
+        seen_before = self.cumulative_length
+        old = self.session._recomputed.get(self.layer)
+        if old is not None:
+            recomputed.append((old[0].shape[-2], seen_before))
+        out = real_append(self, keys, values)
+        stored.append(self.keys.shape[-2])
+        return out
+
+    monkeypatch.setattr(KVDirectLayer, "append", watched)
+    prompt = torch.randint(0, 256, (1, 1000), generator=torch.Generator().manual_seed(2))
+    gen = generate(
+        model,
+        prompt,
+        max_new_tokens=3,
+        policy=KVDirect(8, mode="fast", prefill_chunk=8),
+        stop_at_eos=False,
+    )
+    assert len(stored) == (125 + 2) * cfg.n_layers
+    assert max(stored) == 8 + 8
+    assert recomputed and all(n <= seen for n, seen in recomputed)
+    assert gen.stats.peak_active_kv_bytes == 16 * per_token_layer * cfg.n_layers
+    one_layer_all_tokens = per_token_layer * 1002
+    assert gen.stats.peak_transient_bytes > 0
+    assert max(n for n, _ in recomputed) * per_token_layer <= one_layer_all_tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_chunked_prefill_is_bitwise_equal_to_the_full_cache_chunked_alike(family: str) -> None:
+    model = get_model(family)
+    prompt = _prompt(model)  # 64 tokens, fed 8 at a time
+    kw = {"max_new_tokens": 12, "return_logits": True, "stop_at_eos": False}
+    full = generate(model, prompt, policy=residkit.FullCache(prefill_chunk=8), **kw)
+    kvd = generate(model, prompt, policy=KVDirect(4, prefill_chunk=8), **kw)
+    assert torch.equal(kvd.logits, full.logits)
+    # How it relates to a one-chunk prefill: the same tokens here, logits in the last bits.
+    whole = _full(family)
+    assert torch.equal(kvd.tokens, whole.tokens[:12])
+    assert (kvd.logits - whole.logits[:12]).abs().max() < 1e-3

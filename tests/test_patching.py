@@ -6,6 +6,7 @@ from transformer_lens import patching as tl_patching
 
 import residkit
 from residkit.patching import patch_residual, patching_heatmap, patching_sweep
+from tests.conftest import Boom, failing_forward
 
 
 def test_final_layer_patch(model_for) -> None:
@@ -55,7 +56,6 @@ def test_bad_input(call, message, model_for, no_leaked_hooks) -> None:
 def test_hooks_and_skips_removed_on_error(model_for, no_leaked_hooks) -> None:
     model = model_for("llama")
     resid = torch.zeros(1, 3, 64)
-    bad_tokens = torch.tensor([[1, 2, 10_000]])
-    with no_leaked_hooks(model), pytest.raises(IndexError):
-        patch_residual(model, bad_tokens, resid, layer=2)
+    with failing_forward(model), no_leaked_hooks(model), pytest.raises(Boom):
+        patch_residual(model, "ab", resid, layer=2)
     assert all("forward" not in b.__dict__ for b in model.blocks)

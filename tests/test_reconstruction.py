@@ -79,15 +79,23 @@ def test_wrong_rope_type_on_gemma3_gives_large_errors(model_for, monkeypatch) ->
     assert (k_wrong - ref).abs().max().item() > 0.1
 
 
-def test_user_hooks_do_not_fire_during_recompute(model_for) -> None:
+def test_user_hooks_do_not_fire_during_recompute(model_for, no_leaked_hooks) -> None:
+    """A hook off the recompute path does not see the recompute; one on it is refused."""
     model = model_for("qwen3")
     resid = residkit.capture_residuals(model, "abc", layers=[0])[0]
     fired = []
-    with model.hooks(fwd_hooks=[("blocks.0.attn.hook_k", lambda a, hook: fired.append(1))]):
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda a, hook: fired.append(1))]):
         recompute_kv(model, 0, resid, range(resid.shape[1]))
         assert fired == []
         model("abc")
         assert fired == [1]
+    observe = ("blocks.0.attn.hook_k", lambda a, hook: fired.append(2))
+    with (
+        no_leaked_hooks(model),
+        model.hooks(fwd_hooks=[observe]),
+        pytest.raises(ValueError, match=r"blocks\.0\.attn\.(k\.hook_out|hook_k).*muted"),
+    ):
+        recompute_kv(model, 0, resid, range(resid.shape[1]))
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ list), and a bridge component's ``forward`` can be replaced per instance.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,10 +21,13 @@ from transformer_lens.hook_points import HookPoint
 
 __all__ = [
     "OURS",
+    "edit_watch",
     "hook_count",
     "hook_points",
+    "hooked",
     "muted",
     "muted_hook_points",
+    "point_names",
     "replaced_forward",
     "temporary_hooks",
 ]
@@ -66,7 +69,9 @@ def hook_count(model: nn.Module) -> int:
 
 
 @contextmanager
-def temporary_hooks(model: Any, fwd_hooks: list[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
+def temporary_hooks(
+    model: Any, fwd_hooks: Sequence[tuple[str, Callable[..., Any]]]
+) -> Iterator[None]:
     """Add TransformerLens forward hooks for the duration of the block, then remove them."""
     with model.hooks(fwd_hooks=fwd_hooks):
         yield
@@ -106,6 +111,69 @@ def muted_hook_points(module: nn.Module) -> Iterator[None]:
     """
     with muted(hook_points(module)):
         yield
+
+
+def point_names(model: Any, names: set[str] | list[str]) -> str:
+    """Canonical hook names with the aliases the bridge also knows them by, for messages.
+
+    Example:
+        >>> import residkit
+        >>> point_names(residkit.load("zoo:llama"), ["blocks.1.attn.v.hook_out"])
+        'blocks.1.attn.v.hook_out (also blocks.1.attn.hook_v)'
+    """
+    aliases: dict[str, list[str]] = {}
+    for alias, point in getattr(model, "hook_dict", {}).items():
+        if alias != point.name:
+            aliases.setdefault(str(point.name), []).append(alias)
+    parts = []
+    for name in sorted(names):
+        also = sorted(aliases.get(name, []))
+        parts.append(f"{name} (also {', '.join(also)})" if also else name)
+    return ", ".join(parts)
+
+
+def hooked(points: list[HookPoint]) -> list[HookPoint]:
+    """The points among ``points`` that carry hooks right now."""
+    return [p for p in points if p._forward_hooks or p._forward_pre_hooks]
+
+
+@contextmanager
+def edit_watch(points: list[HookPoint]) -> Iterator[set[str]]:
+    """For the block, collect the names of the hook points among ``points`` whose hooks
+    changed the activation passing through them (the output is not the input, bitwise).
+
+    Only points that carry hooks are watched: the input is cloned before any of their hooks
+    runs (so an in-place edit is seen too) and compared after the last one.
+    """
+    edited: set[str] = set()
+    handles = []
+    for point in hooked(points):
+        before: list[torch.Tensor] = []
+
+        def pre(module: Any, args: tuple[Any, ...], before: list[torch.Tensor] = before) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                before.append(args[0].detach().clone())
+
+        def post(
+            module: Any,
+            args: tuple[Any, ...],
+            output: Any,
+            before: list[torch.Tensor] = before,
+            name: str = str(point.name),
+        ) -> None:
+            if before:
+                was = before.pop()
+                same = isinstance(output, torch.Tensor) and output.shape == was.shape
+                if not (same and torch.equal(output, was)):
+                    edited.add(name)
+
+        handles.append(point.register_forward_pre_hook(pre, prepend=True))
+        handles.append(point.register_forward_hook(post))
+    try:
+        yield edited
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Multi-turn chat on one cache session: state carries across turns, memory is reported per turn."""
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import pandas as pd
@@ -11,6 +11,8 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge.contract import check_contract
+from residkit._entry import check_model, exclusive
+from residkit._validate import positive_int
 from residkit.generation.engine import Sampler, decode_loop, eos_ids, resolve_policy
 from residkit.policies import CachePolicy
 
@@ -23,7 +25,12 @@ _MARK = "\x00residkit-reply\x00"
 
 @dataclass
 class TurnMemory:
-    """Bytes held by the session after one turn, and the turn's time."""
+    """Bytes held by the session after one turn, and the turn's time.
+
+    ``total_bytes`` (active K/V + reserved checkpoints) is what a reader compares with the full
+    cache's K/V; ``peak_total_bytes`` adds what was alive during the turn's forwards (see
+    :class:`~residkit.policies.MemoryStats`).
+    """
 
     turn: int
     tokens_fed: int
@@ -32,8 +39,11 @@ class TurnMemory:
     seconds: float
     active_kv_bytes: int
     checkpoint_bytes: int
+    checkpoint_reserved_bytes: int
+    total_bytes: int
     peak_active_kv_bytes: int
     peak_transient_bytes: int
+    peak_total_bytes: int
 
 
 class Chat:
@@ -76,6 +86,7 @@ class Chat:
         chat_template: bool | None = None,
         system: str | None = None,
     ) -> None:
+        check_model(model)
         has_template = bool(getattr(model.tokenizer, "chat_template", None))
         if chat_template and not has_template:
             raise ValueError(
@@ -85,7 +96,8 @@ class Chat:
         self.model = model
         self.policy = resolve_policy(policy)
         self.templated = has_template if chat_template is None else chat_template
-        check_contract(model)
+        with exclusive(model):
+            check_contract(model)
         self.session = self.policy.open(model)
         self.messages: list[dict[str, str]] = (
             [{"role": "system", "content": system}] if system is not None else []
@@ -97,24 +109,30 @@ class Chat:
         self._turns: list[TurnMemory] = []
         self._sampler = Sampler()
 
-    def _template_ids(self, text: str) -> Tensor:
+    def _template_ids(self, text: str) -> list[int]:
         tok: Any = self.model.tokenizer
         messages = [*self.messages, {"role": "user", "content": text}]
         if not self.history:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
-            return torch.tensor([ids])
+            return list(tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
         # The last assistant message becomes a marker: the text after it is new to the session.
         messages[-2] = {"role": "assistant", "content": _MARK}
         rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         delta = rendered[rendered.index(_MARK) + len(_MARK) :]
-        ids = tok(delta, add_special_tokens=False)["input_ids"]
-        pending = self._pending
-        if self._stopped_at_eos and ids and pending is not None and ids[0] == int(pending):
-            self._pending = None  # the reply's EOS is the template's own end of turn
-        return torch.tensor([ids])
+        return list(tok(delta, add_special_tokens=False)["input_ids"])
 
-    def _plain_ids(self, text: str) -> Tensor:
-        return self.model.to_tokens(text, prepend_bos=None if not self.history else False)
+    def _turn_ids(self, text: str) -> Tensor:
+        """What this turn feeds: the previous reply's last token (never fed yet), then the text
+        (wrapped by the chat template when the chat has one)."""
+        if self.templated:
+            ids = self._template_ids(text)
+            pending = self._pending
+            if self._stopped_at_eos and ids and pending is not None and ids[0] == int(pending):
+                pending = None  # the reply's EOS is the template's own end of turn
+        else:
+            plain = self.model.to_tokens(text, prepend_bos=None if not self.history else False)
+            ids, pending = plain[0].tolist(), self._pending
+        head = [int(pending)] if pending is not None else []
+        return torch.tensor([head + ids], device=self.model.cfg.device)
 
     @torch.no_grad()
     def send(self, text: str, max_new_tokens: int = 32, *, stop_at_eos: bool = True) -> str:
@@ -126,28 +144,38 @@ class Chat:
             stop_at_eos: End the reply at an end-of-turn / EOS token (the token is kept in the
                 history, as the model produced it).
 
+        A turn is atomic: if it fails or is interrupted (an exception, KeyboardInterrupt), the
+        chat and its cache session are left as they were before it.
+
         Raises:
+            TypeError: a message that is not one string, or a non-int ``max_new_tokens``.
             ValueError: empty message, ``max_new_tokens < 1``, or a turn that would pass the
                 model's context.
         """
+        if not isinstance(text, str):
+            raise TypeError(f"Chat.send takes one message (a str), got {text!r:.80}")
         if not text:
             raise ValueError("empty message")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        positive_int("max_new_tokens", max_new_tokens)
+        if not isinstance(stop_at_eos, bool):
+            raise TypeError(f"stop_at_eos must be True or False, got {stop_at_eos!r}")
         start = time.perf_counter()
-        ids = self._template_ids(text) if self.templated else self._plain_ids(text)
-        ids = ids.to(self.model.cfg.device)
-        if self._pending is not None:
-            ids = torch.cat([self._pending.view(1, 1).to(ids), ids], dim=1)
+        ids = self._turn_ids(text)
         total = sum(t.numel() for t in self.history) + ids.shape[1] + max_new_tokens
         if total > self.model.cfg.n_ctx:
             raise ValueError(
                 f"this turn would bring the conversation to {total} tokens, beyond the model's "
                 f"context of {self.model.cfg.n_ctx}"
             )
-        logits = self.session.prefill(ids)
         eos = eos_ids(self.model) if stop_at_eos else None
-        new, _ = decode_loop(self.session, logits, max_new_tokens, self._sampler, eos)
+        with exclusive(self.model):
+            snapshot = self.session.snapshot()
+            try:
+                logits = self.session.prefill(ids)
+                new, _ = decode_loop(self.session, logits, max_new_tokens, self._sampler, eos)
+            except BaseException:
+                self.session.restore(snapshot)
+                raise
         reply = torch.stack(new)
         self.history += [ids[0], reply[:-1]]
         self.replies.append(reply)
@@ -169,8 +197,11 @@ class Chat:
                 seconds=time.perf_counter() - start,
                 active_kv_bytes=mem.active_kv_bytes,
                 checkpoint_bytes=mem.checkpoint_bytes,
+                checkpoint_reserved_bytes=mem.checkpoint_reserved_bytes,
+                total_bytes=mem.total_bytes,
                 peak_active_kv_bytes=mem.peak_active_kv_bytes,
                 peak_transient_bytes=mem.peak_transient_bytes,
+                peak_total_bytes=mem.peak_total_bytes,
             )
         )
         return reply_text
@@ -183,8 +214,9 @@ class Chat:
 
     @property
     def table(self) -> pd.DataFrame:
-        """One row per turn: tokens, seconds, active K/V bytes and checkpoint bytes after it."""
-        return pd.DataFrame([vars(t) for t in self._turns])
+        """One row per turn: tokens, seconds, and the bytes held after it (see :class:`TurnMemory`)."""
+        columns = [f.name for f in fields(TurnMemory)]
+        return pd.DataFrame([vars(t) for t in self._turns], columns=columns)
 
     def figure(self) -> go.Figure:
         """Active K/V and checkpoint bytes after each turn."""

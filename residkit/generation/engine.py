@@ -8,6 +8,7 @@ what attention saw, never in how tokens were chosen.
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -18,6 +19,8 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import generation_config
 from residkit._bridge.contract import check_contract
+from residkit._entry import entry
+from residkit._validate import non_negative_int, positive_int, real
 from residkit.capture import Inputs, to_tokens
 from residkit.policies import CachePolicy, CacheSession, FullCache, KVDirect, MemoryStats, NoCache
 from residkit.policies.kvdirect import Checkpoint, Mode
@@ -193,6 +196,7 @@ def decode_loop(
     return new, kept
 
 
+@entry
 def generate_kvdirect(
     model: TransformerBridge,
     prompt: Inputs,
@@ -209,10 +213,13 @@ def generate_kvdirect(
     stop_at_eos: bool = True,
     return_logits: bool = False,
     measure_deviation: bool = False,
+    prefill_chunk: int | None = None,
 ) -> Generation:
-    """Decode with KV-Direct: :func:`generate` with ``policy=KVDirect(budget, checkpoint, mode)``.
+    """Decode with KV-Direct: :func:`generate` with ``policy=KVDirect(budget, checkpoint, mode,
+    measure_deviation=..., prefill_chunk=...)``.
 
-    See :class:`residkit.policies.KVDirect` for the mechanism and the memory accounting.
+    See :class:`residkit.policies.KVDirect` for the mechanism, the memory accounting and what
+    happens to user hooks; :func:`generate` for the other arguments.
 
     Example:
         >>> import residkit
@@ -225,7 +232,13 @@ def generate_kvdirect(
         model,
         prompt,
         max_new_tokens=max_new_tokens,
-        policy=KVDirect(budget, checkpoint, mode, measure_deviation=measure_deviation),
+        policy=KVDirect(
+            budget,
+            checkpoint,
+            mode,
+            measure_deviation=measure_deviation,
+            prefill_chunk=prefill_chunk,
+        ),
         do_sample=do_sample,
         temperature=temperature,
         top_k=top_k,
@@ -236,19 +249,28 @@ def generate_kvdirect(
     )
 
 
-def _check_args(
-    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None
+def check_sampling(
+    do_sample: Any, temperature: Any, top_k: Any, top_p: Any, seed: Any = None
 ) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    """Check the sampling arguments: TypeError / ValueError naming the one that is wrong.
+
+    ``temperature``, ``top_k`` and ``top_p`` are ignored when ``do_sample`` is False, but
+    still must be of the right type (a typo should not pass silently).
+    """
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
+    temperature = real("temperature", temperature)
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+    if top_k is not None:
+        positive_int("top_k", top_k)
+    if top_p is not None and not 0 < real("top_p", top_p) <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None:
+        non_negative_int("seed", seed)
 
 
+@entry
 @torch.no_grad()
 def generate(
     model: TransformerBridge,
@@ -287,6 +309,8 @@ def generate(
         A :class:`Generation`.
 
     Raises:
+        TypeError: not a model, a prompt of the wrong type, a count or sampling argument of
+            the wrong type.
         ValueError: bad sampling arguments, unknown policy, empty prompt, or a prompt plus
             ``max_new_tokens`` longer than the model's context.
         BridgeContractError: the installed transformers / TransformerLens pair breaks an
@@ -300,7 +324,8 @@ def generate(
         >>> torch.equal(a.tokens, b.tokens)
         True
     """
-    _check_args(max_new_tokens, temperature, top_k, top_p)
+    non_negative_int("max_new_tokens", max_new_tokens)
+    check_sampling(do_sample, temperature, top_k, top_p, seed)
     if cache is not None:
         warnings.warn(
             "generate(cache=...) is deprecated; pass policy=... instead",
@@ -313,15 +338,11 @@ def generate(
             )
         policy = cache
     chosen = resolve_policy(policy)
-    tokens = to_tokens(model, prompt)
+    tokens = to_tokens(model, prompt, extra=max_new_tokens)
     if tokens.shape[0] != 1:
         raise ValueError(f"generate takes one prompt, got a batch of {tokens.shape[0]}")
-    n_ctx = model.cfg.n_ctx
-    if tokens.shape[1] + max_new_tokens > n_ctx:
-        raise ValueError(
-            f"prompt of {tokens.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the "
-            f"model's context of {n_ctx} tokens"
-        )
+    if forced_tokens is not None:
+        forced_tokens = to_tokens(model, forced_tokens)[0]
     if forced_tokens is not None and len(forced_tokens) < max_new_tokens:
         raise ValueError(
             f"forced_tokens has {len(forced_tokens)} tokens but max_new_tokens={max_new_tokens}"

@@ -30,6 +30,7 @@ later rows of the same chunk once anything was evicted (single-token steps are u
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -206,20 +207,20 @@ class EvictionSession(CacheSession):
     def _hooks(self) -> list[tuple[str, Any]]:
         if not self.policy.needs_attention:
             return []
-        hooks = []
-        for layer in self.global_layers:
+        return [
+            (self.spec.pattern_hook.format(layer=layer), partial(self._keep_pattern, layer))
+            for layer in self.global_layers
+        ]
 
-            def keep_pattern(act: Tensor, hook: object, layer: int = layer) -> None:
-                self._patterns[layer] = self.policy.summarize(act.detach())
-
-            hooks.append((self.spec.pattern_hook.format(layer=layer), keep_pattern))
-        return hooks
+    def _keep_pattern(self, layer: int, act: Tensor, hook: object) -> None:
+        self._patterns[layer] = self.policy.summarize(act.detach())
 
     def _forward(self, ids: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
         self._patterns.clear()
         try:
             with temporary_hooks(self.model, self._hooks()):
                 logits = cached_forward(self.model, ids, self.cache)[:, -1]
+            during = kv_bytes(self.cache)  # the new chunk's K/V are in before anything leaves
             for layer in self.global_layers:
                 pattern = self._patterns.pop(layer, None)
                 if self.policy.needs_attention and pattern is None:
@@ -236,7 +237,7 @@ class EvictionSession(CacheSession):
         if self.global_layers:
             first = self._layer(self.global_layers[0])
             self.memory.tokens_evicted = first.seen - first.kept()
-        self.memory.record(kv_bytes(self.cache), 0)
+        self.memory.record(kv_bytes(self.cache), 0, during=during)
         return logits
 
     def held_positions(self) -> dict[int, Int[Tensor, "batch n_kv_heads kept"]]:

@@ -35,19 +35,24 @@ the evicted span as one chunk; with
 is reported.
 """
 
+import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import (
     CacheLayer,
     cached_forward,
+    edit_watch,
     hf_config,
+    hook_points,
     install,
     installed,
     kv_bytes,
@@ -55,11 +60,13 @@ from residkit._bridge import (
     muted_hook_points,
     nbytes,
     new_cache,
+    point_names,
     temporary_hooks,
 )
-from residkit._validate import choice, non_negative_int
+from residkit._validate import choice, non_negative_int, positive_int
 from residkit.architectures import spec_for
-from residkit.policies.base import CachePolicy, CacheSession
+from residkit.policies.base import CachePolicy, CacheSession, chunked
+from residkit.policies.checkpoints import ResidualCheckpoints
 from residkit.projector import KVProjector
 
 __all__ = [
@@ -69,96 +76,14 @@ __all__ = [
     "KVDirect",
     "KVDirectLayer",
     "Mode",
-    "ResidualCheckpoints",
 ]
 
 Checkpoint = Literal["layer", "token"]
 Mode = Literal["exact", "fast"]
 CHECKPOINTS: tuple[Checkpoint, ...] = ("layer", "token")
+# Everything up to the last block's attention: the unembedding side cannot change any K/V.
+_BELOW_HEAD = re.compile(r"^(?!ln_final\.|unembed\.)")
 KVDIRECT_MODES: tuple[Mode, ...] = ("exact", "fast")
-
-
-class ResidualCheckpoints:
-    """One global layer's residual checkpoints, ``[batch, pos, d_model]``, appended in place.
-
-    Rows live in one buffer with room to grow, so a step copies only its own new rows. Merging
-    a list of chunks instead copies every stored row at every step (O(T) a step: 1.2 MiB a layer
-    at 512 tokens of SmolLM2-135M). When the buffer is full it is reallocated with
-    ``1 / GROWTH`` spare rows: the copy then costs ``GROWTH`` rows a step, amortised, and the
-    spare rows are reported (:attr:`reserved_bytes`), never hidden in :attr:`nbytes`.
-
-    Rows are views of the buffer; a chunk starting at row ``s`` is aligned like a fresh tensor
-    whenever ``s * d_model * 4`` bytes is a multiple of 64 (``residkit.projector.project_rows``
-    copies a view that is not, before its GEMM).
-
-    Example:
-        >>> store = ResidualCheckpoints()
-        >>> store.append(torch.ones(1, 8, 4)), store.append(torch.zeros(1, 1, 4))  # room for 9
-        (0, 0)
-        >>> store.append(torch.zeros(1, 1, 4))  # full: 9 rows (144 B) copied into room for 11
-        144
-        >>> store.rows().shape, store.nbytes, store.reserved_bytes
-        (torch.Size([1, 10, 4]), 160, 176)
-    """
-
-    GROWTH = 8
-
-    def __init__(self) -> None:
-        self.buffer: Tensor | None = None
-        self.length = 0
-
-    def append(self, rows: Float[Tensor, "batch pos d_model"]) -> int:
-        """Add rows after the stored ones; return the bytes of the old buffer if it was regrown.
-
-        Those bytes are alive while the stored rows are copied into the new buffer (or 0).
-
-        Raises:
-            ValueError: ``rows`` is not ``[batch, pos, d_model]`` like the rows already stored.
-        """
-        if rows.dim() != 3 or (
-            self.buffer is not None
-            and (rows.shape[:-2], rows.shape[-1]) != (self.buffer.shape[:-2], self.buffer.shape[-1])
-        ):
-            stored = None if self.buffer is None else tuple(self.rows().shape)
-            raise ValueError(
-                f"rows of shape {tuple(rows.shape)} cannot follow checkpoints of shape {stored}: "
-                "expected [batch, pos, d_model] with the same batch and d_model"
-            )
-        need = self.length + rows.shape[-2]
-        grown = 0
-        if self.buffer is None or need > self.buffer.shape[-2]:
-            capacity = need + need // self.GROWTH
-            new = rows.new_empty(*rows.shape[:-2], capacity, rows.shape[-1])
-            if self.buffer is not None:
-                new[..., : self.length, :].copy_(self.rows())
-                grown = nbytes(self.buffer)
-            self.buffer = new
-        self.buffer[..., self.length : need, :].copy_(rows)
-        self.length = need
-        return grown
-
-    def rows(self) -> Float[Tensor, "batch pos d_model"]:
-        """The stored rows (a view).
-
-        Raises:
-            ValueError: nothing has been stored yet.
-        """
-        if self.buffer is None:
-            raise ValueError("no checkpoints stored yet: append rows first")
-        return self.buffer[..., : self.length, :]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the stored rows: what the checkpoints cost."""
-        if self.buffer is None:
-            return 0
-        per_row = self.buffer.numel() // self.buffer.shape[-2] * self.buffer.element_size()
-        return self.length * per_row
-
-    @property
-    def reserved_bytes(self) -> int:
-        """Bytes allocated, spare rows included."""
-        return nbytes(self.buffer)
 
 
 class KVDirectLayer(CacheLayer):
@@ -215,6 +140,18 @@ class _KVDirectSession(CacheSession):
         self._transient = 0
         self.shadow = new_cache(model) if policy.measure_deviation else None
         self.max_logit_deviation: float | None = 0.0 if policy.measure_deviation else None
+        self._watched = self._recompute_path()
+
+    def _recompute_path(self) -> list[HookPoint]:
+        """Hook points whose edits a recompute (run with hooks muted) would not repeat."""
+        if self.policy.checkpoint == "token":  # the replay runs the whole stack up to the K/V
+            below_the_head = [p for p in hook_points(self.model) if _BELOW_HEAD.match(str(p.name))]
+            return below_the_head
+        return [p for layer in self.global_layers for p in self.projector.kv_path_points(layer)]
+
+    def stateful(self) -> list[Any]:
+        shadow = [self.shadow, *self.shadow.layers] if self.shadow is not None else []
+        return [*super().stateful(), *self.resid.values(), *shadow]
 
     # --- recomputation -------------------------------------------------------------------
     def take_recomputed(self, layer: int) -> tuple[Tensor, Tensor] | None:
@@ -274,30 +211,47 @@ class _KVDirectSession(CacheSession):
         self.memory.recompute_seconds += time.perf_counter() - t0
 
     # --- the forward ---------------------------------------------------------------------
+    def _at_layer(self, layer: int, act: Tensor, hook: object) -> None:
+        """Before global layer ``layer`` runs: recompute its evicted K/V, keep its residuals."""
+        self._recompute_layer(layer)
+        # The old buffer is alive while it is copied into the grown one.
+        grown = self.resid[layer].append(act.detach())
+        self._transient = max(self._transient, grown)
+
     def _hooks(self) -> list[tuple[str, Any]]:
-        hooks = []
-        for layer in self.global_layers:
-
-            def at_layer(act: Tensor, hook: object, layer: int = layer) -> None:
-                if self.policy.checkpoint == "layer":
-                    self._recompute_layer(layer)
-                    # The old buffer is alive while it is copied into the grown one.
-                    grown = self.resid[layer].append(act.detach())
-                    self._transient = max(self._transient, grown)
-
-            hooks.append((self.spec.resid_pre_hook.format(layer=layer), at_layer))
-        return hooks
+        if self.policy.checkpoint != "layer":
+            return []
+        return [
+            (self.spec.resid_pre_hook.format(layer=layer), partial(self._at_layer, layer))
+            for layer in self.global_layers
+        ]
 
     def _forward(self, ids: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
         if self.policy.checkpoint == "token":
             self._replay_evicted()
-        with temporary_hooks(self.model, self._hooks()):
+        with (
+            edit_watch(self._watched) as edited,
+            temporary_hooks(self.model, self._hooks()),
+        ):
             logits = cached_forward(self.model, ids, self.cache)[:, -1]
+        if edited:
+            raise ValueError(
+                f"hooks at {point_names(self.model, edited)} changed activations on KV-Direct's "
+                "recompute path; recomputation runs with hooks muted, so the recomputed K/V "
+                "would not be the ones this forward used. Remove those hooks or decode with "
+                "FullCache"
+                + (
+                    " (with checkpoint='layer' only the attention inputs of each layer count)"
+                    if self.policy.checkpoint == "token"
+                    else ""
+                )
+            )
         self._recomputed.clear()
         self._rotary.clear()
         self.chunks.append((self.total, ids))
         self.total += ids.shape[1]
         self.evicted = max(self.evicted, self.total - self.policy.budget)
+        during = self.active_bytes()  # the new chunk's K/V, before the window is trimmed
         for layer in self.global_layers:
             layer_cache = installed(self.cache, layer)
             layer_cache.trim(self.total - self.evicted)
@@ -312,6 +266,7 @@ class _KVDirectSession(CacheSession):
             self.checkpoint_bytes(),
             self._transient,
             reserved=self.reserved_bytes(),
+            during=during,
         )
         self._transient = 0
         return logits
@@ -332,7 +287,9 @@ class _KVDirectSession(CacheSession):
 
     @torch.no_grad()
     def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
-        return self._forward(tokens)
+        for chunk in chunked(tokens, self.policy.prefill_chunk):
+            logits = self._forward(chunk)
+        return logits
 
 
 @dataclass(frozen=True)
@@ -345,6 +302,17 @@ class KVDirect(CachePolicy):
             only; the evicted span is replayed through the whole stack).
         mode: ``"exact"`` (original chunk shapes, bitwise) or ``"fast"`` (one batched call).
         measure_deviation: Run a shadow full cache and report the max |logit difference|.
+        prefill_chunk: Feed a prompt in forwards of at most this many tokens, trimming the
+            active K/V after each, so a long prompt never holds more than
+            ``budget + prefill_chunk`` tokens of K/V per layer. Bitwise equal to
+            ``FullCache(prefill_chunk=...)`` with the same value in exact mode.
+
+    User hooks: observing hooks see each real forward exactly once, as under the full cache
+    (recomputes run with hooks muted). A hook that *changes* an activation on the recompute
+    path (a layer's attention-input norm and K/V side; in token mode anything below the
+    unembedding) raises a ValueError naming it, since the recomputed K/V would not carry
+    the edit. Layer checkpoints store the residual after any edit of ``hook_resid_pre``, so
+    such edits stay exact.
 
     Raises:
         TypeError: a non-int budget.
@@ -358,17 +326,24 @@ class KVDirect(CachePolicy):
         >>> torch.equal(full.tokens, kvd.tokens)
         True
         >>> KVDirect(8)
-        KVDirect(budget=8, checkpoint='layer', mode='exact', measure_deviation=False)
+        KVDirect(budget=8, checkpoint='layer', mode='exact', measure_deviation=False, prefill_chunk=None)
     """
 
     budget: int = 64
     checkpoint: Checkpoint = "layer"
     mode: Mode = "exact"
     measure_deviation: bool = False
+    prefill_chunk: int | None = None
     name = "kvdirect"
 
     def __post_init__(self) -> None:
         non_negative_int("budget", self.budget)
+        if self.prefill_chunk is not None:
+            positive_int("prefill_chunk", self.prefill_chunk)
+        if not isinstance(self.measure_deviation, bool):
+            raise TypeError(
+                f"measure_deviation must be True or False, got {self.measure_deviation!r}"
+            )
         choice("checkpoint", self.checkpoint, CHECKPOINTS)
         choice("mode", self.mode, KVDIRECT_MODES)
 

@@ -7,7 +7,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._bridge import nbytes
+from residkit._bridge import n_kv_heads, nbytes
 from residkit.policies.base import CachePolicy, CacheSession
 
 __all__ = ["NoCache"]
@@ -20,7 +20,11 @@ class _NoCacheSession(CacheSession):
 
     def _run(self) -> Tensor:
         assert self.tokens is not None
-        self.memory.record(0, nbytes(self.tokens))  # the token ids are all it keeps
+        cfg = self.model.cfg
+        # Kept: the token ids. Alive during a forward: one layer's K/V of the whole sequence.
+        one_layer = self.tokens.shape[1] * 2 * n_kv_heads(self.model) * cfg.d_head
+        one_layer *= next(self.model.parameters()).element_size()
+        self.memory.record(0, nbytes(self.tokens), one_layer)
         return self.model(self.tokens)[:, -1]
 
     @torch.no_grad()

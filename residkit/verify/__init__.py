@@ -21,6 +21,7 @@ from pathlib import Path
 
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._entry import entry
 from residkit.verify import baselines, capture, kv, kvdirect, load, markov, spectra
 from residkit.verify.base import VERIFY_PROMPTS, Check, VerifyContext, VerifyReport
 
@@ -40,6 +41,7 @@ SECTIONS: tuple[str, ...] = tuple(_RUN)
 """Section names, in the order ``verify`` runs them (modules of this package)."""
 
 
+@entry
 def verify(
     model: TransformerBridge,
     *,

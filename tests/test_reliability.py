@@ -1,0 +1,330 @@
+"""No silent wrong output: threads, user hooks on the K/V path, long prompts, pickles and
+missing tensors, honest peak memory, interrupted chat turns, train mode, raw errors."""
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import residkit
+from residkit import KVDirect, zoo
+from residkit._bridge import hook_count
+from residkit.generation import Chat, generate, generate_kvdirect
+from residkit.markov import markov_test
+from residkit.policies import FullCache, Window
+from tests.conftest import get_model, raises_naming
+
+PROMPT = "Threads, hooks and interrupts must never change what residkit reports."
+
+
+# --- 1. two threads, one model -------------------------------------------------------------
+
+
+def test_two_threads_on_one_model_give_the_single_threaded_outputs() -> None:
+    """50 rounds of two threads decoding different prompts with KV-Direct on one model: every
+    output equals the one computed alone (residkit serialises its operations per model)."""
+    model = get_model("llama")
+    prompts = ["abcdefghijkl", "mnopqrstuvwx"]
+    alone = [
+        generate_kvdirect(model, p, max_new_tokens=4, budget=2, stop_at_eos=False).tokens
+        for p in prompts
+    ]
+    wrong: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for _ in range(50):
+                got = generate_kvdirect(
+                    model, prompts[i], max_new_tokens=4, budget=2, stop_at_eos=False
+                ).tokens
+                if not torch.equal(got, alone[i]):
+                    wrong.append(i)
+        except BaseException as err:  # reported below, not swallowed
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong
+    assert hook_count(model) == hook_count(get_model("llama"))
+
+
+# --- 2. user hooks on the recompute path ---------------------------------------------------
+
+
+def scale_v(act: torch.Tensor, hook: object) -> torch.Tensor:
+    return act * 0.5
+
+
+def test_a_kv_editing_hook_is_refused_by_kvdirect(no_leaked_hooks) -> None:
+    """Recompute mutes hooks, so an edit of V would apply to the full cache's K/V and not to
+    the recomputed ones: KV-Direct refuses, naming the hook point."""
+    model = get_model("llama")
+    with no_leaked_hooks(model), model.hooks(fwd_hooks=[("blocks.1.attn.hook_v", scale_v)]):
+        with pytest.raises(ValueError, match=r"blocks\.1\.attn\.hook_v"):
+            generate_kvdirect(model, PROMPT, max_new_tokens=4, budget=2)
+        # The full cache runs the edit as the user asked.
+        generate(model, PROMPT, max_new_tokens=4, policy=FullCache())
+
+
+def test_a_residual_editing_hook_is_refused_in_token_mode(no_leaked_hooks) -> None:
+    """Token checkpoints replay the evicted span through the whole stack with hooks muted."""
+    model = get_model("qwen3")
+
+    def edit(act: torch.Tensor, hook: object) -> torch.Tensor:
+        return act + 1.0
+
+    with no_leaked_hooks(model), model.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", edit)]):
+        with pytest.raises(ValueError, match=r"blocks\.2\.hook_in|blocks\.2\.hook_resid_pre"):
+            generate_kvdirect(model, PROMPT, max_new_tokens=4, budget=2, checkpoint="token")
+        # Layer checkpoints store the residual after the user's edit: they stay exact.
+        kvd = generate_kvdirect(model, PROMPT, max_new_tokens=4, budget=2, return_logits=True)
+        full = generate(model, PROMPT, max_new_tokens=4, return_logits=True)
+        assert torch.equal(kvd.logits, full.logits)
+
+
+def test_an_observing_hook_sees_each_real_forward_once(no_leaked_hooks) -> None:
+    model = get_model("gemma3")
+    seen: dict[str, list[int]] = {}
+    for name, policy in (("full", FullCache()), ("kvd", KVDirect(2))):
+        calls: list[int] = []
+        hook = ("blocks.1.attn.hook_v", lambda act, hook, calls=calls: calls.append(act.shape[1]))
+        with no_leaked_hooks(model), model.hooks(fwd_hooks=[hook]):
+            generate(model, PROMPT, max_new_tokens=5, policy=policy, stop_at_eos=False)
+        seen[name] = calls
+    assert seen["kvd"] == seen["full"] and len(seen["full"]) == 5
+
+
+def test_recompute_kv_refuses_hooks_it_would_not_run(no_leaked_hooks) -> None:
+    model = get_model("llama")
+    resid = residkit.capture_residuals(model, "abc", layers=[1])[0]
+    with (
+        no_leaked_hooks(model),
+        model.hooks(fwd_hooks=[("blocks.1.attn.hook_v", scale_v)]),
+        pytest.raises(ValueError, match=r"blocks\.1\.attn\.hook_v"),
+    ):
+        residkit.recompute_kv(model, 1, resid, range(resid.shape[1]))
+
+
+# --- 3. inputs longer than the context -----------------------------------------------------
+
+TOO_LONG = torch.randint(0, 256, (1, 2099), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: residkit.capture_residuals(m, TOO_LONG),
+        lambda m: residkit.kv_reconstruction_report(m, TOO_LONG),
+        lambda m: markov_test(m, TOO_LONG, TOO_LONG.flip(-1)),
+        lambda m: residkit.capture_residuals(m, "x" * 2098),
+    ],
+)
+def test_an_input_longer_than_the_context_is_refused(call, no_leaked_hooks) -> None:
+    model = get_model("llama")
+    with no_leaked_hooks(model), pytest.raises(ValueError, match=r"2099 tokens.*context of 2048"):
+        call(model)
+
+
+# --- 4. loading: safetensors only, every tensor present ------------------------------------
+
+
+def copy_zoo(tmp_path: Path, name: str) -> Path:
+    src = zoo.build("llama", size="tiny")
+    dst = tmp_path / name
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_a_pickle_next_to_a_stray_safetensors_file_is_never_opened(tmp_path, monkeypatch) -> None:
+    folder = copy_zoo(tmp_path, "pickled")
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    save_file({"x": torch.zeros(1)}, folder / "adapter.safetensors")
+
+    def no_pickles(*args, **kwargs):
+        raise AssertionError("a pickle was opened")
+
+    monkeypatch.setattr(torch, "load", no_pickles)
+    with pytest.raises(residkit.ModelNotFoundError, match="only safetensors"):
+        residkit.load(folder)
+
+
+def test_missing_tensors_are_listed(tmp_path) -> None:
+    folder = copy_zoo(tmp_path, "partial")
+    weights = load_file(folder / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if "layers.1." not in k}
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing.*model\.layers\.1\."):
+        residkit.load(folder)
+
+
+# --- 5. honest peak memory -----------------------------------------------------------------
+
+
+def test_the_prefill_counts_in_the_peak(no_leaked_hooks) -> None:
+    """A 1,021-token prompt at budget 8: the K/V of all 1,021 tokens are alive during the
+    prefill, so the peak says so (before, it said 8 tokens' worth)."""
+    model = get_model("llama")
+    cfg = model.cfg
+    per_token = cfg.n_layers * 2 * cfg.n_key_value_heads * cfg.d_head * 4
+    prompt = torch.randint(0, 256, (1, 1021), generator=torch.Generator().manual_seed(1))
+    gen = generate_kvdirect(model, prompt, max_new_tokens=2, budget=8, mode="fast")
+    assert gen.stats.peak_active_kv_bytes >= 1021 * per_token
+    assert gen.stats.active_kv_bytes == 8 * per_token  # after the forward, trimmed
+    parts = ["peak_active_kv_bytes", "peak_checkpoint_reserved_bytes", "peak_transient_bytes"]
+    assert gen.stats.peak_total_bytes <= sum(getattr(gen.stats, p) for p in parts)
+    assert gen.stats.peak_total_bytes >= gen.stats.peak_active_kv_bytes
+
+
+# --- 6. chat turns are atomic --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", [FullCache(), KVDirect(4), Window(4)])
+def test_an_interrupted_turn_leaves_the_chat_as_before(policy, monkeypatch) -> None:
+    model = get_model("llama")
+    plain, interrupted = Chat(model, policy), Chat(model, policy)
+    for chat in (plain, interrupted):
+        chat.send("first turn", max_new_tokens=5, stop_at_eos=False)
+    before = interrupted.tokens().clone()
+    session = interrupted.session
+    real_step = type(session).step
+    calls = {"n": 0}
+
+    def flaky(self, token):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(self, token)
+
+    monkeypatch.setattr(type(session), "step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.send("second turn", max_new_tokens=6, stop_at_eos=False)
+    monkeypatch.setattr(type(session), "step", real_step)
+    assert torch.equal(interrupted.tokens(), before) and len(interrupted.table) == 1
+    a = plain.send("second turn", max_new_tokens=6, stop_at_eos=False)
+    b = interrupted.send("second turn", max_new_tokens=6, stop_at_eos=False)
+    assert a == b and torch.equal(plain.tokens(), interrupted.tokens())
+
+
+def test_a_list_is_not_a_chat_message() -> None:
+    chat = Chat(get_model("llama"))
+    with raises_naming("text", ["a", "b"]):
+        chat.send(["a", "b"])  # type: ignore[arg-type]
+    assert len(chat.table) == 0 and chat.tokens().numel() == 0
+
+
+# --- 7. train mode -------------------------------------------------------------------------
+
+
+def test_experiments_run_in_eval_mode_and_restore_train_mode(tmp_path) -> None:
+    model = residkit.load(zoo.build("llama", root=tmp_path, overrides={"attention_dropout": 0.5}))
+    model.train()
+    try:
+        assert markov_test(model, "abcdef", "ghijkl").passed
+        kvd = generate_kvdirect(model, PROMPT, max_new_tokens=4, budget=2, return_logits=True)
+        full = generate(model, PROMPT, max_new_tokens=4, return_logits=True)
+        assert torch.equal(kvd.logits, full.logits)
+        assert model.training  # put back as it was
+    finally:
+        model.eval()
+
+
+# --- 8. clear errors instead of raw ones ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "kind", "words"),
+    [
+        (
+            lambda m: residkit.capture_residuals(m, torch.tensor([[1, 2, 10_000]])),
+            ValueError,
+            "10000",
+        ),
+        (lambda m: residkit.capture_residuals(m, torch.tensor([[1, -2, 3]])), ValueError, "-2"),
+        (lambda m: residkit.capture_residuals(m, None), TypeError, "None"),
+        (lambda m: residkit.capture_residuals(m, "abc", layers=[1.5]), TypeError, "1.5"),
+        (lambda m: residkit.capture_residuals(m, "abc", layers=[True]), TypeError, "True"),
+        (
+            lambda m: residkit.patch_residual(m, "ab", torch.zeros(1, 3, 64), layer=True),
+            TypeError,
+            "True",
+        ),
+        (lambda m: generate(m, "abc", max_new_tokens=2.0), TypeError, "2.0"),
+        (lambda m: residkit.qk_spectra(m, dtype=torch.float16), ValueError, "float16"),
+        (
+            lambda m: residkit.recompute_kv(m, 0, torch.zeros(1, 3, 64), [0.5, 1, 2]),
+            TypeError,
+            "0.5",
+        ),
+        (
+            lambda m: residkit.compare_policies(m, "abc", budgets=[2], policies="window"),
+            TypeError,
+            "'window'",
+        ),
+        (
+            lambda m: residkit.kv_reconstruction_report(m, "abc", decode_steps=5000),
+            ValueError,
+            "5000",
+        ),
+    ],
+)
+def test_clear_errors(call, kind, words, no_leaked_hooks) -> None:
+    model = get_model("llama")
+    with no_leaked_hooks(model), pytest.raises(kind) as err:
+        call(model)
+    assert words in str(err.value)
+
+
+@pytest.mark.parametrize("not_a_model", ["zoo:llama", None, 3])
+def test_something_else_than_a_model_is_a_type_error(not_a_model) -> None:
+    with raises_naming("model", not_a_model):
+        residkit.capture_residuals(not_a_model, "abc")
+
+
+def test_a_plain_hf_model_is_a_type_error() -> None:
+    from tests.conftest import get_hf
+
+    with pytest.raises(TypeError, match=r"model.*TransformerBridge"):
+        generate(get_hf("llama"), "abc", max_new_tokens=2)
+
+
+def test_temperature_zero_is_fine_when_greedy() -> None:
+    model = get_model("llama")
+    a = generate(model, PROMPT, max_new_tokens=3, temperature=0.0)
+    b = generate(model, PROMPT, max_new_tokens=3)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_chat_figure_before_a_turn() -> None:
+    fig = Chat(get_model("llama")).figure()
+    assert len(fig.data) == 2 and len(fig.data[0].x) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["verify", "--model", "zoo:llama", "--section", "nope"], "unknown verify section"),
+        (["verify", "--model", "{corrupt}"], "corrupt"),
+        (["verify", "--model", "zoo:llama", "--out", "{readonly}"], "cannot write"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(argv, words, capsys, tmp_path) -> None:
+    from residkit import cli
+
+    corrupt = copy_zoo(tmp_path, "corrupt")
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    readonly = tmp_path / "file-not-folder"
+    readonly.write_text("x")
+    argv = [a.format(corrupt=corrupt, readonly=readonly / "out") for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "Traceback" not in err and len(err.splitlines()) == 1
