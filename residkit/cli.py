@@ -7,7 +7,8 @@ checkpoint folder, or a hub id.
 
 ``residkit models list|fetch NAME|path NAME|remove NAME`` manages the real models.
 
-``residkit reproduce [--model NAME ...] [--claims ID ...] [--report FILE] [--quick]`` measures
+``residkit reproduce [--model NAME ...] [--claims ID ...] [--report FILE] [--markdown FILE]
+[--quick]`` measures
 the paper's claims on real weights beside the paper's numbers (see :mod:`residkit.reproduction`).
 """
 
@@ -152,6 +153,16 @@ def _reproduce(args: argparse.Namespace) -> int:
     print(result.text(width=100))
     if args.report is not None:
         print(f"report: {args.report}")
+    if args.markdown is not None:
+        from residkit.reproduction.markdown import write_markdown
+
+        parts = ["residkit reproduce"] + [f"--model {m}" for m in args.model or []]
+        parts += [f"--claims {' '.join(args.claims)}"] if args.claims else []
+        parts += ["--quick"] if args.quick else []
+        parts += [f"--report {args.report}"] if args.report else []
+        command = " ".join([*parts, f"--markdown {args.markdown}"])
+        page = write_markdown(result, args.markdown, command=command, report_path=args.report)
+        print(f"markdown: {page}")
     return 0
 
 
@@ -182,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--claims", nargs="+", help="claim ids to run (default: all)")
     r.add_argument("--report", type=Path, help="write a self-contained HTML report here")
+    r.add_argument(
+        "--markdown", type=Path, help="also write a Markdown page with figure images here"
+    )
     r.add_argument("--quick", action="store_true", help="reduced sizes: minutes, not an hour")
     r.add_argument("--fresh", action="store_true", help="ignore results cached by earlier runs")
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 
-__all__ = ["Section", "environment", "render", "write"]
+__all__ = ["Section", "chromium_path", "environment", "render", "screenshots", "write"]
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
@@ -122,3 +122,42 @@ def write(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(title, sections, meta), encoding="utf-8")
     return out
+
+
+def chromium_path() -> str | None:
+    """A Chromium for headless screenshots: ``$RESIDKIT_CHROMIUM``, Debian's, or playwright's."""
+    candidate = os.environ.get("RESIDKIT_CHROMIUM") or "/usr/bin/chromium"
+    return candidate if Path(candidate).exists() else None
+
+
+def screenshots(report: str | os.PathLike[str], folder: str | os.PathLike[str]) -> list[Path]:
+    """PNG images of every figure of a report written by :func:`write`, drawn by a headless
+    Chromium with the network blocked (so an image also proves the report works offline).
+
+    Raises:
+        RuntimeError: playwright is not installed, or a figure failed to draw.
+    """
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as err:  # an optional dependency of the docs tooling only
+        raise RuntimeError("figure images need playwright: pip install playwright") from err
+    out_dir = Path(folder)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path())
+        page = browser.new_page(viewport={"width": 1100, "height": 800})
+        page.route("http*://**", lambda route: route.abort())
+        page.goto(Path(report).resolve().as_uri())
+        page.wait_for_load_state("load")
+        divs = page.locator(".plotly-graph-div")
+        for i in range(divs.count()):
+            div = divs.nth(i)
+            if div.locator("svg.main-svg").count() == 0:
+                browser.close()
+                raise RuntimeError(f"figure {i} of {report} did not draw")
+            path = out_dir / f"figure-{i:02d}.png"
+            div.screenshot(path=str(path))
+            paths.append(path)
+        browser.close()
+    return paths

@@ -50,6 +50,7 @@ from residkit._bridge.model import (
     set_tokenizer,
     skipped_blocks,
 )
+from residkit._bridge.replay import replay_kv
 
 __all__ = [
     "CacheLayer",
@@ -81,6 +82,7 @@ __all__ = [
     "norms_folded",
     "point_names",
     "replaced_forward",
+    "replay_kv",
     "set_tokenizer",
     "skipped_blocks",
     "temporary_hooks",

@@ -24,6 +24,10 @@ Checkpoint modes:
   recovered from its K/V at eviction), so checkpoints grow by ``d_model`` per global layer per
   token, next to at most ``budget`` tokens of active K/V. On GQA models that is more than the
   K/V it replaces (SmolLM2-135M: 576 vs 2 x 3 x 64 = 384 values per layer per token).
+- ``"stride"`` with ``stride=k``: a residual checkpoint at every k-th managed layer only; the
+  K/V of the layers between are rebuilt by replaying the evicted span through their blocks
+  from the checkpoint below (:mod:`residkit.policies.plans`; ``keep_top=r`` keeps whole K/V
+  at the top r layers of each group instead). k = 1 is ``"layer"``.
 - ``"token"`` (the paper's "one vector per token" accounting, taken literally): only token ids;
   the evicted span is recomputed through the whole stack (a prefill of the evicted span).
 
@@ -36,7 +40,6 @@ is reported.
 """
 
 import re
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -56,7 +59,6 @@ from residkit._bridge import (
     install,
     installed,
     kv_bytes,
-    layer_kv,
     muted_hook_points,
     nbytes,
     new_cache,
@@ -66,8 +68,10 @@ from residkit._bridge import (
 from residkit._validate import choice, non_negative_int, positive_int
 from residkit.architectures import SCOPES, Scope, spec_for
 from residkit.policies._eviction import check_window
+from residkit.policies._recompute import Recompute
 from residkit.policies.base import CachePolicy, CacheSession, chunked
 from residkit.policies.checkpoints import ResidualCheckpoints
+from residkit.policies.plans import Plan, resolve
 from residkit.projector import KVProjector
 
 __all__ = [
@@ -79,9 +83,9 @@ __all__ = [
     "Mode",
 ]
 
-Checkpoint = Literal["layer", "token"]
+Checkpoint = Literal["layer", "stride", "token"]
 Mode = Literal["exact", "fast"]
-CHECKPOINTS: tuple[Checkpoint, ...] = ("layer", "token")
+CHECKPOINTS: tuple[Checkpoint, ...] = ("layer", "stride", "token")
 # Everything up to the last block's attention: the unembedding side cannot change any K/V.
 _BELOW_HEAD = re.compile(r"^(?!ln_final\.|unembed\.)")
 KVDIRECT_MODES: tuple[Mode, ...] = ("exact", "fast")
@@ -94,6 +98,7 @@ class KVDirectLayer(CacheLayer):
         super().__init__()
         self.session, self.layer = session, layer
         self.cumulative_length = 0  # absolute tokens seen; the active window is a suffix
+        self.keep_all = False  # a plan's "kv" layer: never trimmed, nothing recomputed
 
     def append(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
         assert self.keys is not None and self.values is not None
@@ -114,7 +119,7 @@ class KVDirectLayer(CacheLayer):
 
     def trim(self, keep: int) -> None:
         """Drop all but the last ``keep`` tokens of the active window."""
-        if not self.ready or self.keys is None or self.values is None:
+        if self.keep_all or not self.ready or self.keys is None or self.values is None:
             return
         if self.keys.shape[-2] > keep:
             start = self.keys.shape[-2] - keep
@@ -122,7 +127,7 @@ class KVDirectLayer(CacheLayer):
             self.values = self.values[:, :, start:].clone()
 
 
-class _KVDirectSession(CacheSession):
+class _KVDirectSession(Recompute, CacheSession):
     def __init__(self, model: TransformerBridge, policy: "KVDirect") -> None:
         super().__init__(model)
         self.policy = policy
@@ -130,13 +135,20 @@ class _KVDirectSession(CacheSession):
         config = hf_config(model)
         self.global_layers = self.spec.managed_layers(config, policy.scope)
         self.limit = self.spec.window_limit(config, policy.scope)
+        self.plan: Plan = resolve(
+            self.global_layers, policy.checkpoint, policy.stride or 1, policy.keep_top
+        )
         self.cache = new_cache(model)
         for layer in self.global_layers:
-            install(self.cache, layer, KVDirectLayer(self, layer))
+            cache_layer = KVDirectLayer(self, layer)
+            cache_layer.keep_all = self.plan.action(layer) == "kv"
+            install(self.cache, layer, cache_layer)
         self.total = 0  # tokens fed so far
         self.evicted = 0  # tokens [0, evicted) live only as checkpoints
         self.chunks: list[tuple[int, Tensor]] = []  # (start, token ids) of every forward
-        self.resid = {layer: ResidualCheckpoints() for layer in self.global_layers}
+        anchors = self.plan.anchors if policy.checkpoint != "token" else []
+        self.resid = {layer: ResidualCheckpoints() for layer in anchors}
+        self.groups = self.plan.groups()
         self._recomputed: dict[int, tuple[Tensor, Tensor]] = {}
         self.projector = KVProjector(model)
         self._rotary: dict[str, tuple[Tensor, Any]] = {}  # per layer type, for one forward
@@ -150,83 +162,38 @@ class _KVDirectSession(CacheSession):
         if self.policy.checkpoint == "token":  # the replay runs the whole stack up to the K/V
             below_the_head = [p for p in hook_points(self.model) if _BELOW_HEAD.match(str(p.name))]
             return below_the_head
-        return [p for layer in self.global_layers for p in self.projector.kv_path_points(layer)]
+        points = []
+        for anchor, members in self.groups.items():
+            top = max(members)
+            for block in range(anchor, top):  # replayed whole, from the anchor's residual
+                points += [
+                    p
+                    for p in hook_points(self.model.blocks[block])
+                    if p.name != self.spec.resid_pre_hook.format(layer=anchor)
+                ]
+            points += self.projector.kv_path_points(top)
+        return points
 
     def stateful(self) -> list[Any]:
         shadow = [self.shadow, *self.shadow.layers] if self.shadow is not None else []
         return [*super().stateful(), *self.resid.values(), *shadow]
 
-    # --- recomputation -------------------------------------------------------------------
-    def take_recomputed(self, layer: int) -> tuple[Tensor, Tensor] | None:
-        return self._recomputed.pop(layer, None)
-
-    def _chunks_covering_evicted(self) -> list[int]:
-        return [i for i, (start, _) in enumerate(self.chunks) if start < self.evicted]
-
-    def _recompute_layer(self, layer: int) -> None:
-        """K/V of tokens [0, evicted) at ``layer`` from residual checkpoints (layer mode)."""
-        if self.evicted == 0:
-            return
-        t0 = time.perf_counter()
-        rows = self.resid[layer].rows()
-        if self.policy.mode == "exact":
-            # Whole original chunks: their GEMM shapes are what makes the K/V bitwise.
-            sizes: list[int] | None = [
-                self.chunks[i][1].shape[1] for i in self._chunks_covering_evicted()
-            ]
-            n = sum(sizes or [])
-        else:
-            sizes, n = None, self.evicted
-        kind = self.spec.layer_type(self.projector.config, layer)
-        if kind not in self._rotary:
-            pos = torch.arange(n, device=rows.device).unsqueeze(0)
-            self._rotary[kind] = (pos, self.projector.position_embeddings(layer, rows, pos, sizes))
-        pos, rotary = self._rotary[kind]
-        k, v, _ = self.projector(layer, rows[:, :n], pos, chunks=sizes, position_embeddings=rotary)
-        self._recomputed[layer] = (k[:, :, : self.evicted], v[:, :, : self.evicted])
-        self.memory.recomputed_tokens += n
-        # Alive while this layer recomputes: K/V, the norm output (one residual per row) and
-        # the rotary tables.
-        tables = nbytes(*rotary) if rotary is not None else 0
-        self._transient = max(self._transient, nbytes(k, v) + nbytes(rows[:, :n]) + tables)
-        self.memory.recompute_seconds += time.perf_counter() - t0
-
-    def _replay_evicted(self) -> None:
-        """K/V of tokens [0, evicted) at every global layer, replayed from token ids (token mode)."""
-        if self.evicted == 0:
-            return
-        t0 = time.perf_counter()
-        replay = new_cache(self.model)
-        with muted_hook_points(self.model):
-            if self.policy.mode == "exact":
-                for i in self._chunks_covering_evicted():
-                    cached_forward(self.model, self.chunks[i][1], replay, return_type=None)
-                    self.memory.recomputed_tokens += self.chunks[i][1].shape[1]
-            else:
-                ids = torch.cat([c for _, c in self.chunks], dim=1)[:, : self.evicted]
-                cached_forward(self.model, ids, replay, return_type=None)
-                self.memory.recomputed_tokens += self.evicted
-        for layer in self.global_layers:
-            kv = layer_kv(replay, layer)
-            assert kv is not None
-            self._recomputed[layer] = (kv[0][:, :, : self.evicted], kv[1][:, :, : self.evicted])
-        self._transient = max(self._transient, kv_bytes(replay))
-        self.memory.recompute_seconds += time.perf_counter() - t0
-
-    # --- the forward ---------------------------------------------------------------------
     def _at_layer(self, layer: int, act: Tensor, hook: object) -> None:
-        """Before global layer ``layer`` runs: recompute its evicted K/V, keep its residuals."""
-        self._recompute_layer(layer)
+        """Before anchor ``layer`` runs: recompute its group's evicted K/V, keep its residuals."""
+        if len(self.groups[layer]) > 1:
+            self._replay_group(layer)
+        else:
+            self._recompute_layer(layer)
         # The old buffer is alive while it is copied into the grown one.
         grown = self.resid[layer].append(act.detach())
         self._transient = max(self._transient, grown)
 
     def _hooks(self) -> list[tuple[str, Any]]:
-        if self.policy.checkpoint != "layer":
+        if self.policy.checkpoint == "token":
             return []
         return [
             (self.spec.resid_pre_hook.format(layer=layer), partial(self._at_layer, layer))
-            for layer in self.global_layers
+            for layer in self.resid
         ]
 
     def _forward(self, ids: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
@@ -281,13 +248,13 @@ class _KVDirectSession(CacheSession):
     def checkpoint_bytes(self) -> int:
         if self.policy.checkpoint == "token":
             return sum(nbytes(ids) for _, ids in self.chunks)
-        return sum(self.resid[layer].nbytes for layer in self.global_layers)
+        return sum(store.nbytes for store in self.resid.values())
 
     def reserved_bytes(self) -> int:
         """Checkpoint bytes allocated, spare rows included (layer mode); token ids as held."""
         if self.policy.checkpoint == "token":
             return self.checkpoint_bytes()
-        return sum(self.resid[layer].reserved_bytes for layer in self.global_layers)
+        return sum(store.reserved_bytes for store in self.resid.values())
 
     @torch.no_grad()
     def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
@@ -302,8 +269,9 @@ class KVDirect(CachePolicy):
 
     Args:
         budget: Tokens of K/V kept per global layer (>= 0).
-        checkpoint: ``"layer"`` (residual per token per global layer) or ``"token"`` (token ids
-            only; the evicted span is replayed through the whole stack).
+        checkpoint: ``"layer"`` (residual per token per global layer), ``"stride"`` (a
+            residual every ``stride`` managed layers, the layers between rebuilt by replay) or
+            ``"token"`` (token ids only; the evicted span is replayed through the whole stack).
         mode: ``"exact"`` (original chunk shapes, bitwise) or ``"fast"`` (one batched call).
         measure_deviation: Run a shadow full cache and report the max |logit difference|.
         scope: ``"global"`` (default): the full-attention layers, while sliding-window layers
@@ -313,6 +281,9 @@ class KVDirect(CachePolicy):
             active K/V after each, so a long prompt never holds more than
             ``budget + prefill_chunk`` tokens of K/V per layer. Bitwise equal to
             ``FullCache(prefill_chunk=...)`` with the same value in exact mode.
+        stride: With ``checkpoint="stride"``: a checkpoint every ``stride`` managed layers.
+        keep_top: With ``checkpoint="stride"``: keep the whole K/V of the top ``keep_top``
+            layers of each group (below ``stride``).
 
     User hooks: observing hooks see each real forward exactly once, as under the full cache
     (recomputes run with hooks muted). A hook that *changes* an activation on the recompute
@@ -333,7 +304,7 @@ class KVDirect(CachePolicy):
         >>> torch.equal(full.tokens, kvd.tokens)
         True
         >>> KVDirect(8)
-        KVDirect(budget=8, checkpoint='layer', mode='exact', measure_deviation=False, prefill_chunk=None, scope='global')
+        KVDirect(budget=8, checkpoint='layer', mode='exact', measure_deviation=False, prefill_chunk=None, scope='global', stride=None, keep_top=0)
     """
 
     budget: int = 64
@@ -342,6 +313,8 @@ class KVDirect(CachePolicy):
     measure_deviation: bool = False
     prefill_chunk: int | None = None
     scope: Scope = "global"
+    stride: int | None = None
+    keep_top: int = 0
     name = "kvdirect"
 
     def __post_init__(self) -> None:
@@ -355,6 +328,21 @@ class KVDirect(CachePolicy):
             )
         choice("checkpoint", self.checkpoint, CHECKPOINTS)
         choice("mode", self.mode, KVDIRECT_MODES)
+        if self.checkpoint == "stride":
+            if self.stride is None:
+                raise ValueError("checkpoint='stride' needs stride=k (a checkpoint every k layers)")
+            positive_int("stride", self.stride)
+            non_negative_int("keep_top", self.keep_top)
+            if self.keep_top >= self.stride:
+                raise ValueError(
+                    f"keep_top={self.keep_top} must be below stride={self.stride}: each group "
+                    "keeps its checkpoint layer"
+                )
+        elif self.stride is not None or self.keep_top:
+            raise ValueError(
+                f"stride={self.stride} and keep_top={self.keep_top} apply to checkpoint='stride' "
+                f"only, not checkpoint={self.checkpoint!r}"
+            )
 
     def open(self, model: TransformerBridge) -> CacheSession:
         return _KVDirectSession(model, self)

@@ -1,0 +1,117 @@
+"""Replaying a span of tokens through a range of blocks, from residuals saved at its bottom.
+
+Stride checkpoints keep the residual entering block ``start`` only; the K/V of the blocks
+above it are rebuilt by running the span through those blocks again. The replay is the model's
+own forward with the blocks below ``start`` passed through (:func:`skipped_blocks`), the saved
+residual put in at ``start``, and the forward stopped once the last wanted layer has handed its
+K/V to the cache. Fed in the span's original chunks, every GEMM has its original shape, so the
+K/V are bitwise the ones the model computed.
+
+Blocks below ``start`` never run, so their cache layers would stay empty; transformers reads
+the tokens seen so far (positions) and the mask sizes from a layer of the right kind, which may
+be one of them. Each chunk therefore advances those layers by a one-wide zero entry per token
+and head (transformers counts an empty tensor as no tokens): the length is right, and they hold
+``n_kv_heads`` floats per token instead of ``2 * n_kv_heads * d_head``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from residkit._bridge.cache import CacheLayer, cached_forward, install, layer_kv, new_cache
+from residkit._bridge.hooks import muted_hook_points, temporary_hooks
+from residkit._bridge.model import n_kv_heads, skipped_blocks
+
+__all__ = ["replay_kv"]
+
+
+class _Done(Exception):
+    """The last wanted layer has its K/V: nothing above it is needed."""
+
+
+class _LastLayer(CacheLayer):
+    """The top wanted layer's cache: stores this chunk's K/V, then stops the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        assert self.keys is not None and self.values is not None
+        self.keys = torch.cat([self.keys, keys], dim=-2)
+        self.values = torch.cat([self.values, values], dim=-2)
+        self.seen += keys.shape[-2]
+        raise _Done
+
+    def tokens_seen(self) -> int:
+        return self.seen
+
+    def mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+
+class _Put:
+    """A hook that replaces the activation with the saved residual."""
+
+    def __init__(self, resid: Tensor) -> None:
+        self.resid = resid
+
+    def __call__(self, act: Tensor, hook: Any) -> Tensor:
+        return self.resid
+
+
+def replay_kv(
+    model: Any,
+    resid_pre_hook: str,
+    start: int,
+    layers: Sequence[int],
+    chunks: Sequence[tuple[Tensor, Tensor | None]],
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """K/V at ``layers`` (each >= ``start``) of a span, rebuilt from residuals at ``start``.
+
+    Args:
+        model: The bridge.
+        resid_pre_hook: The residual hook name pattern (``"blocks.{layer}.hook_resid_pre"``).
+        start: The block whose input the residuals are.
+        layers: The layers whose K/V to return.
+        chunks: ``(token ids [1, n], residuals [1, n, d_model])`` in order, from position 0.
+            With ``start > 0`` the ids only give the forward its shape and the residuals
+            replace the stream at ``start``; with ``start == 0`` the ids are the input and the
+            residuals may be None.
+
+    Returns:
+        ``{layer: (keys, values)}``, each ``[1, n_kv_heads, span, d_head]``.
+
+    User hooks are muted for the replay (it is not a forward of the user's).
+    """
+    top = max(layers)
+    cache = new_cache(model)
+    stop = _LastLayer()
+    install(cache, top, stop)
+    below: list[Any] = [cache.layers[i] for i in range(start)]
+    kv_heads = n_kv_heads(model)
+    with muted_hook_points(model), skipped_blocks(model, start):
+        for ids, resid in chunks:
+            hooks: list[tuple[str, Any]] = []
+            if start > 0:
+                if resid is None:
+                    raise ValueError(f"a replay from block {start} needs the residuals there")
+                hooks = [(resid_pre_hook.format(layer=start), _Put(resid))]
+            with temporary_hooks(model, hooks), contextlib.suppress(_Done):
+                cached_forward(model, ids, cache, return_type=None)
+            # After the chunk, as the skipped blocks' own caches would have grown.
+            empty = torch.zeros(1, kv_heads, ids.shape[1], 1, dtype=torch.float32)
+            for skipped in below:
+                skipped.update(empty, empty)
+    out = {}
+    for layer in layers:
+        kv = layer_kv(cache, layer)
+        if kv is None:
+            raise RuntimeError(f"layer {layer} received no K/V during the replay")
+        out[layer] = kv
+    return out

@@ -1,0 +1,142 @@
+"""Stride checkpoints and per-layer plans: a residual every k managed layers, the layers
+between rebuilt by replaying the evicted span through their blocks, bit for bit."""
+
+import pytest
+import torch
+
+import residkit
+from residkit import KVDirect
+from residkit._bridge import cached_forward, layer_kv, new_cache, replay_kv
+from residkit._bridge.model import hf_config
+from residkit.architectures import spec_for
+from residkit.policies.plans import plan_bytes, resolve
+from tests.conftest import Boom, failing_forward, full_reference, get_model, raises_naming
+
+TEXT = "The residual stream is all you need, says the paper; we check it here, live, now."
+N_NEW = 48
+PLANS = [
+    {"checkpoint": "stride", "stride": 2},
+    {"checkpoint": "stride", "stride": 3, "keep_top": 1},
+]
+
+
+def _prompt(model) -> torch.Tensor:
+    return model.to_tokens(TEXT)[:, :32]
+
+
+@pytest.mark.parametrize("budget", [1, 16])
+@pytest.mark.parametrize("plan", PLANS, ids=["stride2", "stride3-top1"])
+def test_exact_stride_is_bitwise(family: str, budget: int, plan: dict, no_leaked_hooks) -> None:
+    model = get_model(family)
+    prompt = _prompt(model)
+    full = full_reference(family, prompt, N_NEW)
+    with no_leaked_hooks(model):
+        kvd = residkit.generate(
+            model,
+            prompt,
+            max_new_tokens=N_NEW,
+            policy=KVDirect(budget, **plan),
+            return_logits=True,
+            stop_at_eos=False,
+        )
+    assert torch.equal(kvd.tokens, full.tokens)
+    assert torch.equal(kvd.logits, full.logits)
+    assert kvd.stats.tokens_evicted == prompt.shape[1] + N_NEW - 1 - budget
+
+
+@torch.no_grad()
+def test_replay_rebuilds_the_model_kv_and_detects_a_wrong_anchor() -> None:
+    model = get_model("llama")
+    ids = model.to_tokens(TEXT)[:, :20]
+    hook = spec_for(model).resid_pre_hook
+    saved: dict[int, list[torch.Tensor]] = {1: [], 2: []}
+
+    def save(act: torch.Tensor, hook: object, layer: int) -> None:
+        saved[layer].append(act.clone())
+
+    # The reference forward in two chunks, as a prompt and a decoded token come.
+    cache = new_cache(model)
+    hooks = [(hook.format(layer=i), lambda a, hook, i=i: save(a, hook, i)) for i in saved]
+    with model.hooks(fwd_hooks=hooks):
+        cached_forward(model, ids[:, :19], cache)
+        cached_forward(model, ids[:, 19:], cache)
+    pieces = [ids[:, :19], ids[:, 19:]]
+    rebuilt = replay_kv(model, hook, 1, [1, 2, 3], list(zip(pieces, saved[1], strict=True)))
+    for layer, (k, v) in rebuilt.items():
+        ref_k, ref_v = layer_kv(cache, layer)  # type: ignore[misc]
+        assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
+    ref = layer_kv(cache, 2)[0]  # type: ignore[index]
+    # Negative controls: the residual of the wrong layer; the chunks fed at shifted positions.
+    wrong = replay_kv(model, hook, 1, [2], list(zip(pieces, saved[2], strict=True)))[2][0]
+    assert not torch.equal(wrong, ref)
+    late = [
+        (torch.cat([ids[:, :1], p], dim=1), torch.cat([r[:, :1], r], dim=1))
+        for p, r in zip(pieces, saved[1], strict=True)
+    ]
+    shifted = replay_kv(model, hook, 1, [2], late[:1])[2][0]
+    assert not torch.equal(shifted[:, :, 1:], ref[:, :, :19])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize(
+    "plan",
+    [{"checkpoint": "layer"}, *PLANS, {"checkpoint": "stride", "stride": 100}],
+    ids=["layer", "stride2", "stride3-top1", "stride-all"],
+)
+def test_predicted_bytes_equal_the_tensors(family: str, plan: dict) -> None:
+    model = get_model(family)
+    prompt = _prompt(model)
+    budget, n_new = 8, 12
+    policy = KVDirect(budget, **plan)
+    session = policy.open(model)
+    try:
+        logits = session.prefill(prompt)
+        for _ in range(n_new - 1):
+            logits = session.step(logits.argmax(-1, keepdim=True))
+        measured = session.active_bytes() + session.checkpoint_bytes()
+    finally:
+        session.close()
+    config = hf_config(model)
+    spec = spec_for(model)
+    layers = spec.managed_layers(config, "global")
+    resolved = resolve(layers, plan["checkpoint"], plan.get("stride") or 1, plan.get("keep_top", 0))
+    context = prompt.shape[1] + n_new - 1  # the last chosen token is not fed
+    sliding = spec.sliding_layers(config)
+    assert plan_bytes(resolved, config, context, budget, sliding=sliding) == measured
+    # Negative control: one token more is another number.
+    assert plan_bytes(resolved, config, context + 1, budget, sliding=sliding) != measured
+
+
+def test_stride_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="needs stride=k"):
+        KVDirect(4, "stride")
+    with raises_naming("stride", 0):
+        KVDirect(4, "stride", stride=0)
+    with pytest.raises(ValueError, match="keep_top=2 must be below stride=2"):
+        KVDirect(4, "stride", stride=2, keep_top=2)
+    with pytest.raises(ValueError, match="apply to checkpoint='stride' only"):
+        KVDirect(4, "layer", stride=2)
+
+
+def test_hooks_removed_when_a_forward_raises(no_leaked_hooks) -> None:
+    model = get_model("llama")
+    with failing_forward(model), no_leaked_hooks(model), pytest.raises(Boom):
+        residkit.generate(model, TEXT, max_new_tokens=3, policy=KVDirect(1, "stride", stride=2))
+
+
+def test_an_edit_between_anchors_is_refused_by_name(no_leaked_hooks) -> None:
+    model = get_model("llama")
+
+    def edit(act: torch.Tensor, hook: object) -> torch.Tensor:
+        return act * 1.5
+
+    policy = KVDirect(2, "stride", stride=4)  # layer 0 anchors layers 1-3
+    with (
+        no_leaked_hooks(model),
+        model.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", edit)]),
+        pytest.raises(ValueError, match=r"blocks\.1\.hook_mlp_out"),
+    ):
+        residkit.generate(model, TEXT, max_new_tokens=4, policy=policy)
+    # An edit above the top rebuilt layer's K/V input changes no recomputed K/V: allowed.
+    with model.hooks(fwd_hooks=[("blocks.3.hook_mlp_out", edit)]):
+        residkit.generate(model, TEXT, max_new_tokens=4, policy=KVDirect(2, "stride", stride=4))
