@@ -65,6 +65,7 @@ __all__ = [
     "generate_kvdirect",
     "kept_positions",
     "kv_reconstruction_report",
+    "kvdirect_frontier",
     "load",
     "markov_test",
     "patch_residual",
@@ -81,6 +82,10 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # ipywidgets and anywidget load only when the widgets are asked for; the reproduction
     # (plotly report, every claim module) only when it is run.
+    if name == "kvdirect_frontier":
+        from residkit.frontier import kvdirect_frontier
+
+        return kvdirect_frontier
     if name == "reproduce":
         from residkit.reproduction import reproduce
 

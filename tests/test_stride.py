@@ -10,7 +10,14 @@ from residkit._bridge import cached_forward, layer_kv, new_cache, replay_kv
 from residkit._bridge.model import hf_config
 from residkit.architectures import spec_for
 from residkit.policies.plans import plan_bytes, resolve
-from tests.conftest import Boom, failing_forward, full_reference, get_model, raises_naming
+from tests.conftest import (
+    Boom,
+    failing_forward,
+    full_reference,
+    get_model,
+    get_real,
+    raises_naming,
+)
 
 TEXT = "The residual stream is all you need, says the paper; we check it here, live, now."
 N_NEW = 48
@@ -61,19 +68,19 @@ def test_replay_rebuilds_the_model_kv_and_detects_a_wrong_anchor() -> None:
         cached_forward(model, ids[:, :19], cache)
         cached_forward(model, ids[:, 19:], cache)
     pieces = [ids[:, :19], ids[:, 19:]]
-    rebuilt = replay_kv(model, hook, 1, [1, 2, 3], list(zip(pieces, saved[1], strict=True)))
+    rebuilt, _ = replay_kv(model, hook, 1, [1, 2, 3], list(zip(pieces, saved[1], strict=True)))
     for layer, (k, v) in rebuilt.items():
         ref_k, ref_v = layer_kv(cache, layer)  # type: ignore[misc]
         assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
     ref = layer_kv(cache, 2)[0]  # type: ignore[index]
     # Negative controls: the residual of the wrong layer; the chunks fed at shifted positions.
-    wrong = replay_kv(model, hook, 1, [2], list(zip(pieces, saved[2], strict=True)))[2][0]
+    wrong = replay_kv(model, hook, 1, [2], list(zip(pieces, saved[2], strict=True)))[0][2][0]
     assert not torch.equal(wrong, ref)
     late = [
         (torch.cat([ids[:, :1], p], dim=1), torch.cat([r[:, :1], r], dim=1))
         for p, r in zip(pieces, saved[1], strict=True)
     ]
-    shifted = replay_kv(model, hook, 1, [2], late[:1])[2][0]
+    shifted = replay_kv(model, hook, 1, [2], late[:1])[0][2][0]
     assert not torch.equal(shifted[:, :, 1:], ref[:, :, :19])
 
 
@@ -140,3 +147,39 @@ def test_an_edit_between_anchors_is_refused_by_name(no_leaked_hooks) -> None:
     # An edit above the top rebuilt layer's K/V input changes no recomputed K/V: allowed.
     with model.hooks(fwd_hooks=[("blocks.3.hook_mlp_out", edit)]):
         residkit.generate(model, TEXT, max_new_tokens=4, policy=KVDirect(2, "stride", stride=4))
+
+
+@pytest.mark.real_model
+def test_memory_limit_holds_on_a_2000_token_run_with_the_full_cache_tokens() -> None:
+    # A real model: with 30 layers a plan can beat the full cache; with the zoo's 4 small
+    # layers the transient of any recompute costs more than the K/V it saves.
+    model = get_real("smollm2-135m-instruct")
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(1, model.cfg.d_vocab, (1, 1992), generator=generator)
+    n_new = 9  # 1,992 + 8 fed = 2,000 tokens of context
+    full = residkit.generate(model, prompt, max_new_tokens=n_new, stop_at_eos=False)
+    limit = int(0.6 * full.stats.peak_total_bytes)
+    # Prompt chunks of 256: each chunk replays the evicted span, so small chunks cost time.
+    policy = KVDirect(32, memory_limit=limit, context=2000, prefill_chunk=256)
+    chosen = policy.resolved(model)
+    assert isinstance(chosen, KVDirect) and chosen.checkpoint == "stride", chosen
+    run = residkit.generate(model, prompt, max_new_tokens=n_new, policy=policy, stop_at_eos=False)
+    assert torch.equal(run.tokens, full.tokens)
+    # Every forward's active K/V + reserved checkpoints + transient stayed under the limit.
+    assert run.stats.peak_total_bytes <= limit
+    assert all(active + ckpt <= limit for active, ckpt in run.stats.per_step)
+    assert run.stats.tokens_evicted == 2000 - 32
+
+
+def test_memory_limit_below_every_plan_names_the_smallest_that_fits() -> None:
+    model = get_model("llama")
+    with pytest.raises(
+        ValueError, match=r"memory_limit=1000 bytes .* smallest any plan can meet is \d+"
+    ):
+        KVDirect(32, memory_limit=1000, context=2000).resolved(model)
+    with pytest.raises(ValueError, match="memory_limit needs context"):
+        KVDirect(32, memory_limit=10**6)
+    # A limit every plan meets picks the full cache (nothing to recompute).
+    assert KVDirect(4, memory_limit=10**9, context=20).resolved(model).name == "full"
+    with pytest.raises(ValueError, match="planned for context=20"):
+        residkit.generate(model, TEXT, max_new_tokens=40, policy=KVDirect(4, context=20))

@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from residkit._bridge.cache import CacheLayer, cached_forward, install, layer_kv, new_cache
+from residkit._bridge.cache import (
+    CacheLayer,
+    cached_forward,
+    install,
+    kv_bytes,
+    layer_kv,
+    new_cache,
+)
 from residkit._bridge.hooks import muted_hook_points, temporary_hooks
 from residkit._bridge.model import n_kv_heads, skipped_blocks
 
@@ -65,13 +72,24 @@ class _Put:
         return self.resid
 
 
+class _Keep:
+    """A hook that keeps the activation (the residual entering the top layer)."""
+
+    def __init__(self, into: list[Tensor]) -> None:
+        self.into = into
+
+    def __call__(self, act: Tensor, hook: Any) -> None:
+        self.into.append(act.detach())
+
+
 def replay_kv(
     model: Any,
     resid_pre_hook: str,
     start: int,
     layers: Sequence[int],
     chunks: Sequence[tuple[Tensor, Tensor | None]],
-) -> dict[int, tuple[Tensor, Tensor]]:
+    capture: list[Tensor] | None = None,
+) -> tuple[dict[int, tuple[Tensor, Tensor]], int]:
     """K/V at ``layers`` (each >= ``start``) of a span, rebuilt from residuals at ``start``.
 
     Args:
@@ -83,9 +101,12 @@ def replay_kv(
             With ``start > 0`` the ids only give the forward its shape and the residuals
             replace the stream at ``start``; with ``start == 0`` the ids are the input and the
             residuals may be None.
+        capture: If a list, each chunk's residual entering the top layer is appended to it
+            (to continue the replay from there).
 
     Returns:
-        ``{layer: (keys, values)}``, each ``[1, n_kv_heads, span, d_head]``.
+        ``{layer: (keys, values)}``, each ``[1, n_kv_heads, span, d_head]``, and the bytes the
+        replay's cache held at its end (every replayed layer's K/V, the counters below).
 
     User hooks are muted for the replay (it is not a forward of the user's).
     """
@@ -102,6 +123,8 @@ def replay_kv(
                 if resid is None:
                     raise ValueError(f"a replay from block {start} needs the residuals there")
                 hooks = [(resid_pre_hook.format(layer=start), _Put(resid))]
+            if capture is not None:
+                hooks.append((resid_pre_hook.format(layer=top), _Keep(capture)))
             with temporary_hooks(model, hooks), contextlib.suppress(_Done):
                 cached_forward(model, ids, cache, return_type=None)
             # After the chunk, as the skipped blocks' own caches would have grown.
@@ -114,4 +137,4 @@ def replay_kv(
         if kv is None:
             raise RuntimeError(f"layer {layer} received no K/V during the replay")
         out[layer] = kv
-    return out
+    return out, kv_bytes(cache)

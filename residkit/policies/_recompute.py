@@ -11,12 +11,7 @@ import torch
 from torch import Tensor
 
 from residkit._bridge import (
-    cached_forward,
-    kv_bytes,
-    layer_kv,
-    muted_hook_points,
     nbytes,
-    new_cache,
     replay_kv,
 )
 
@@ -47,6 +42,7 @@ class Recompute:
     _recomputed: dict[int, tuple[Tensor, Tensor]]
     _rotary: dict[str, tuple[Tensor, Any]]
     _transient: int
+    _span: tuple[int, list[tuple[Tensor, Tensor | None]]]
 
     def take_recomputed(self, layer: int) -> tuple[Tensor, Tensor] | None:
         return self._recomputed.pop(layer, None)
@@ -83,50 +79,65 @@ class Recompute:
         self.memory.recompute_seconds += time.perf_counter() - t0
 
     def _replay_evicted(self) -> None:
-        """K/V of tokens [0, evicted) at every global layer, replayed from token ids (token mode)."""
-        if self.evicted == 0:
-            return
-        t0 = time.perf_counter()
-        replay = new_cache(self.model)
-        with muted_hook_points(self.model):
-            if self.policy.mode == "exact":
-                for i in self._chunks_covering_evicted():
-                    cached_forward(self.model, self.chunks[i][1], replay, return_type=None)
-                    self.memory.recomputed_tokens += self.chunks[i][1].shape[1]
-            else:
-                ids = torch.cat([c for _, c in self.chunks], dim=1)[:, : self.evicted]
-                cached_forward(self.model, ids, replay, return_type=None)
-                self.memory.recomputed_tokens += self.evicted
-        for layer in self.global_layers:
-            kv = layer_kv(replay, layer)
-            assert kv is not None
-            self._recomputed[layer] = (kv[0][:, :, : self.evicted], kv[1][:, :, : self.evicted])
-        self._transient = max(self._transient, kv_bytes(replay))
-        self.memory.recompute_seconds += time.perf_counter() - t0
+        """K/V of tokens [0, evicted) at every global layer, replayed from token ids (token mode).
 
-    # --- the forward ---------------------------------------------------------------------
-    def _replay_group(self, anchor: int) -> None:
-        """K/V of tokens [0, evicted) at every layer of ``anchor``'s group (stride plans)."""
+        The replay stops once the top global layer has its K/V: the blocks above it and the
+        unembedding cannot change any K/V.
+        """
         if self.evicted == 0:
             return
         t0 = time.perf_counter()
-        rows = self.resid[anchor].rows()
         if self.policy.mode == "exact":
-            pieces = [
-                (ids, rows[:, start : start + ids.shape[1]])
-                for start, ids in (self.chunks[i] for i in self._chunks_covering_evicted())
+            pieces: list[tuple[Tensor, Tensor | None]] = [
+                (self.chunks[i][1], None) for i in self._chunks_covering_evicted()
             ]
         else:
             ids = torch.cat([c for _, c in self.chunks], dim=1)[:, : self.evicted]
-            pieces = [(ids, rows[:, : self.evicted])]
-        members = self.groups[anchor]
-        kv = replay_kv(self.model, self.spec.resid_pre_hook, anchor, members, pieces)
+            pieces = [(ids, None)]
+        kv, held = replay_kv(self.model, self.spec.resid_pre_hook, 0, self.global_layers, pieces)
         for layer, (k, v) in kv.items():
             self._recomputed[layer] = (k[:, :, : self.evicted], v[:, :, : self.evicted])
-        span = sum(piece[0].shape[1] for piece in pieces)
-        self.memory.recomputed_tokens += span
-        # Alive while the group is rebuilt: its K/V, and the residual rows fed in.
-        self._transient = max(
-            self._transient, sum(nbytes(k, v) for k, v in kv.values()) + nbytes(rows[:, :span])
+        self.memory.recomputed_tokens += sum(ids.shape[1] for ids, _ in pieces)
+        self._transient = max(self._transient, held)
+        self.memory.recompute_seconds += time.perf_counter() - t0
+
+    # --- the forward ---------------------------------------------------------------------
+    def _span_pieces(self, rows: Tensor) -> list[tuple[Tensor, Tensor | None]]:
+        """The evicted span as (ids, residual rows) pieces: original chunks in exact mode."""
+        if self.policy.mode == "exact":
+            return [
+                (ids, rows[:, start : start + ids.shape[1]])
+                for start, ids in (self.chunks[i] for i in self._chunks_covering_evicted())
+            ]
+        ids = torch.cat([c for _, c in self.chunks], dim=1)[:, : self.evicted]
+        return [(ids, rows[:, : self.evicted])]
+
+    def _start_span(self, anchor: int) -> None:
+        """At an anchor with layers to rebuild above it: its own K/V, and the span to carry up."""
+        self._recompute_layer(anchor)
+        if self.evicted:
+            self._span = (anchor, self._span_pieces(self.resid[anchor].rows()))
+
+    def _advance_span(self, layer: int) -> None:
+        """Before rebuilt layer ``layer`` runs: replay the span from where it was up to here.
+
+        One block at a time, in step with the forward, so only the span's residual and the
+        K/V of the blocks just replayed are alive, never the whole group's K/V at once.
+        """
+        if self.evicted == 0:
+            return
+        t0 = time.perf_counter()
+        start, pieces = self._span
+        entering: list[Tensor] = []
+        kv, held = replay_kv(
+            self.model, self.spec.resid_pre_hook, start, [layer], pieces, capture=entering
         )
+        k, v = kv[layer]
+        self._recomputed[layer] = (k[:, :, : self.evicted], v[:, :, : self.evicted])
+        self._span = (layer, [(ids, r) for (ids, _), r in zip(pieces, entering, strict=True)])
+        span = sum(ids.shape[1] for ids, _ in pieces)
+        self.memory.recomputed_tokens += span
+        rows = sum(nbytes(r) for _, r in pieces if r is not None)
+        # Alive: the replay's cache, the span's residual in and the one kept out.
+        self._transient = max(self._transient, held + rows + nbytes(*entering))
         self.memory.recompute_seconds += time.perf_counter() - t0

@@ -40,7 +40,7 @@ is reported.
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Literal
 
@@ -71,7 +71,7 @@ from residkit.policies._eviction import check_window
 from residkit.policies._recompute import Recompute
 from residkit.policies.base import CachePolicy, CacheSession, chunked
 from residkit.policies.checkpoints import ResidualCheckpoints
-from residkit.policies.plans import Plan, resolve
+from residkit.policies.plans import Plan, choose, resolve
 from residkit.projector import KVProjector
 
 __all__ = [
@@ -179,25 +179,38 @@ class _KVDirectSession(Recompute, CacheSession):
         return [*super().stateful(), *self.resid.values(), *shadow]
 
     def _at_layer(self, layer: int, act: Tensor, hook: object) -> None:
-        """Before anchor ``layer`` runs: recompute its group's evicted K/V, keep its residuals."""
+        """Before anchor ``layer`` runs: recompute its evicted K/V, keep its residuals."""
         if len(self.groups[layer]) > 1:
-            self._replay_group(layer)
+            self._start_span(layer)
         else:
             self._recompute_layer(layer)
         # The old buffer is alive while it is copied into the grown one.
         grown = self.resid[layer].append(act.detach())
         self._transient = max(self._transient, grown)
 
+    def _at_rebuilt(self, layer: int, act: Tensor, hook: object) -> None:
+        self._advance_span(layer)
+
     def _hooks(self) -> list[tuple[str, Any]]:
         if self.policy.checkpoint == "token":
             return []
+        rebuilt = [m for a, members in self.groups.items() for m in members if m != a]
         return [
             (self.spec.resid_pre_hook.format(layer=layer), partial(self._at_layer, layer))
             for layer in self.resid
+        ] + [
+            (self.spec.resid_pre_hook.format(layer=layer), partial(self._at_rebuilt, layer))
+            for layer in rebuilt
         ]
 
     def _forward(self, ids: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
         check_window(self.limit, self.total + ids.shape[1])
+        planned = self.policy.context
+        if planned is not None and self.total + ids.shape[1] > planned:
+            raise ValueError(
+                f"this KVDirect was planned for context={planned} tokens; the sequence would "
+                f"reach {self.total + ids.shape[1]}"
+            )
         if self.policy.checkpoint == "token":
             self._replay_evicted()
         with (
@@ -284,6 +297,11 @@ class KVDirect(CachePolicy):
         stride: With ``checkpoint="stride"``: a checkpoint every ``stride`` managed layers.
         keep_top: With ``checkpoint="stride"``: keep the whole K/V of the top ``keep_top``
             layers of each group (below ``stride``).
+        memory_limit: Bytes the session may hold at its peak (active K/V, checkpoints,
+            transient; float32). The cheapest exact plan whose bound fits is chosen for
+            ``context`` (:meth:`resolved`); ``checkpoint``/``stride``/``keep_top`` are then
+            the plan's. Needs ``context``. ``prefill_chunk`` defaults to ``budget`` then.
+        context: Tokens the run will reach at most (a longer sequence is a ValueError).
 
     User hooks: observing hooks see each real forward exactly once, as under the full cache
     (recomputes run with hooks muted). A hook that *changes* an activation on the recompute
@@ -304,7 +322,7 @@ class KVDirect(CachePolicy):
         >>> torch.equal(full.tokens, kvd.tokens)
         True
         >>> KVDirect(8)
-        KVDirect(budget=8, checkpoint='layer', mode='exact', measure_deviation=False, prefill_chunk=None, scope='global', stride=None, keep_top=0)
+        KVDirect(budget=8, checkpoint='layer', mode='exact', measure_deviation=False, prefill_chunk=None, scope='global', stride=None, keep_top=0, memory_limit=None, context=None)
     """
 
     budget: int = 64
@@ -315,6 +333,8 @@ class KVDirect(CachePolicy):
     scope: Scope = "global"
     stride: int | None = None
     keep_top: int = 0
+    memory_limit: int | None = None
+    context: int | None = None
     name = "kvdirect"
 
     def __post_init__(self) -> None:
@@ -344,5 +364,35 @@ class KVDirect(CachePolicy):
                 f"only, not checkpoint={self.checkpoint!r}"
             )
 
+        if self.memory_limit is not None:
+            positive_int("memory_limit", self.memory_limit)
+            if self.context is None:
+                raise ValueError("memory_limit needs context=T: the plan is chosen for T tokens")
+        if self.context is not None:
+            positive_int("context", self.context)
+
+    def resolved(self, model: TransformerBridge) -> CachePolicy:
+        """The policy that runs: with ``memory_limit``, the plan :func:`residkit.policies.plans.choose`
+        picks for ``model`` (a :class:`FullCache` when every layer's K/V fits); else self.
+
+        Raises:
+            ValueError: no exact plan fits ``memory_limit``; the message gives the smallest
+                limit any plan can meet.
+        """
+        if self.memory_limit is None or self.context is None:
+            return self
+        from residkit.policies.full import FullCache
+
+        chunk = self.prefill_chunk or max(1, self.budget)
+        config = hf_config(model)
+        pick = choose(config, spec_for(model), self.context, self.budget, self.memory_limit, chunk)
+        if pick.kwargs is None:
+            return FullCache(prefill_chunk=chunk)
+        plan = {"stride": None, "keep_top": 0, **pick.kwargs}
+        return replace(self, memory_limit=None, prefill_chunk=chunk, **plan)
+
     def open(self, model: TransformerBridge) -> CacheSession:
+        policy = self.resolved(model)
+        if policy is not self:
+            return policy.open(model)
         return _KVDirectSession(model, self)

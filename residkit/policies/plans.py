@@ -20,11 +20,22 @@ Costs are computed from the config: :func:`plan_bytes` (bytes held at context T,
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Action", "Plan", "plan_bytes", "plan_flops", "resolve"]
+__all__ = [
+    "Action",
+    "Candidate",
+    "Plan",
+    "candidates",
+    "choose",
+    "peak_bound",
+    "plan_bytes",
+    "plan_flops",
+    "resolve",
+]
 
 Action = Literal["kv", "checkpoint", "rebuild"]
 
@@ -143,9 +154,10 @@ def _block_flops(s: dict[str, int], gated: bool, tokens: int) -> int:
 def plan_flops(plan: Plan, config: Any, evicted: int, gated: bool = True) -> int:
     """FLOPs of one decoding step's recompute of ``evicted`` tokens under ``plan``.
 
-    A checkpoint layer costs its K and V projections; a group rebuilt from an anchor (or the
-    ids) costs every block from the anchor up to its top rebuilt layer, plus that layer's Q, K
-    and V projections (attention computes them together before it stores K/V). Eager attention
+    A checkpoint layer costs its K and V projections; a group rebuilt from an anchor costs
+    every block from the anchor up to its top rebuilt layer once, plus the Q, K and V
+    projections of each rebuilt layer once more (each replay stops after them, and the next
+    starts at that block); from the token ids, one replay up to the top layer. Eager attention
     multiplies the full square of scores, masked after, so that is what is counted.
     """
     s = _shape(config)
@@ -157,12 +169,112 @@ def plan_flops(plan: Plan, config: Any, evicted: int, gated: bool = True) -> int
     total = 0
     for anchor, members in plan.groups().items():
         rebuilt = [m for m in members if m != anchor]
-        if not rebuilt:  # the anchor alone: its norm and K/V projections
+        if anchor >= 0:  # the anchor's own K/V: its norm and K/V projections
             total += e * kv_proj
+        if not rebuilt:
             continue
-        # Otherwise the replay from the anchor computes the anchor's K/V inside its block.
         start = max(anchor, 0)
-        top = max(rebuilt)
-        total += sum(_block_flops(s, gated, e) for _ in range(start, top))
-        total += e * qkv_proj
+        total += sum(_block_flops(s, gated, e) for _ in range(start, max(rebuilt)))
+        if anchor >= 0:
+            # Replayed one layer at a time, in step with the forward: each rebuilt layer's
+            # replay stops after its Q/K/V projections, and the next one runs that block again.
+            total += len(rebuilt) * e * qkv_proj
+        else:  # token ids: one replay up to the top layer
+            total += e * qkv_proj
     return total
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One plan and the ``KVDirect`` arguments that run it (None: the full cache)."""
+
+    plan: Plan
+    kwargs: dict[str, Any] | None = field(hash=False)
+
+
+STRIDES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def candidates(layers: list[int]) -> list[Candidate]:
+    """Full cache, layer checkpoints, strides (2, 3, 4, 6, ... and all layers in one group)
+    each with 0, 1 or all-but-one of its top layers' K/V kept, and token ids."""
+    n = len(layers)
+    keep: Action = "kv"
+    out = [Candidate(Plan(tuple(layers), (keep,) * n, "full cache"), None)]
+    out.append(Candidate(resolve(layers, "layer"), {"checkpoint": "layer"}))
+    for k in sorted({s for s in STRIDES if s < n} | {n} - {1}):
+        for top in sorted({0, 1, k - 1} - {k} if k > 1 else set()):
+            kw = {"checkpoint": "stride", "stride": k, "keep_top": top}
+            out.append(Candidate(resolve(layers, "stride", k, top), kw))
+    out.append(Candidate(resolve(layers, "token"), {"checkpoint": "token"}))
+    return out
+
+
+def _gated(config: Any) -> bool:
+    return getattr(config, "hidden_act", "") not in ("gelu_new", "gelu", "gelu_pytorch_tanh") or (
+        "gemma" in str(getattr(config, "model_type", ""))
+    )
+
+
+def peak_bound(
+    plan: Plan, config: Any, context: int, budget: int, chunk: int, sliding: tuple[int, ...]
+) -> int:
+    """An upper bound on a session's ``peak_total_bytes`` under ``plan`` (float32).
+
+    Held: :func:`plan_bytes` with the active window grown by one forward's ``chunk``,
+    checkpoint buffers with their 1/8 spare rows; transient: the largest replay cache (every
+    layer from the anchor up, the whole span) or one layer's recomputed K/V, the residual rows
+    fed in and carried out, rotary tables, and a checkpoint buffer copied while it grows.
+    """
+    kv = 2 * _heads(config)[1] * _heads(config)[2] * 4
+    d = config.hidden_size * 4
+    held = plan_bytes(plan, config, context, budget + chunk, sliding=sliding)
+    anchors = len(plan.anchors)
+    spare = anchors * d * (context // 8 + 1)
+    groups = plan.groups()
+    transient = 0
+    if any(len(members) > 1 or anchor >= 0 for anchor, members in groups.items()):
+        # Layers whose K/V one replay holds at once: from the ids, everything up to the top;
+        # from an anchor, the blocks between two consecutive rebuilt layers.
+        depth = 1
+        for anchor, members in groups.items():
+            points = [max(anchor, 0), *[m for m in members if m != anchor]]
+            if anchor < 0:
+                depth = max(depth, max(members) + 1)
+            for low, high in itertools.pairwise(points):
+                depth = max(depth, high - low + 1)
+        rotary = 4 * context * _heads(config)[2] * 4
+        transient = depth * kv * context + 2 * d * context + rotary
+    growth = d * context * 9 // 8 if anchors else 0
+    return held + spare + transient + growth
+
+
+def _heads(config: Any) -> tuple[int, int, int]:
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    d_head = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, d_head
+
+
+def choose(config: Any, spec: Any, context: int, budget: int, limit: int, chunk: int) -> Candidate:
+    """The plan with the least recompute whose :func:`peak_bound` is at most ``limit``.
+
+    Raises:
+        ValueError: no exact plan fits; the message gives the smallest limit one can meet.
+    """
+    layers = spec.managed_layers(config, "global")
+    sliding = spec.sliding_layers(config)
+    scored = []
+    for c in candidates(layers):
+        bound = peak_bound(c.plan, config, context, budget, chunk, sliding)
+        flops = plan_flops(c.plan, config, max(0, context - budget), _gated(config))
+        scored.append((flops, bound, c))
+    fitting = [s for s in scored if s[1] <= limit]
+    if not fitting:
+        smallest = min(scored, key=lambda s: s[1])
+        raise ValueError(
+            f"memory_limit={limit} bytes is below every exact plan at context={context}, "
+            f"budget={budget}: the smallest any plan can meet is {smallest[1]} bytes "
+            f"({smallest[2].plan.name})"
+        )
+    return min(fitting, key=lambda s: (s[0], s[1]))[2]

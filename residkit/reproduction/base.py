@@ -115,7 +115,7 @@ class Sizes:
     chat_budget: int = 64
     prompts: int = 8
     prompt_tokens: int = 400
-    new_tokens: int = 32
+    new_tokens: int = 16
     budgets: tuple[int, ...] = (16, 32, 64, 128, 256)
     latency_tokens: tuple[int, ...] = (16, 64, 128, 256, 500)
     latency_batches: tuple[int, ...] = (1, 4, 16)
