@@ -52,8 +52,9 @@ class Frontier:
 
     @property
     def table(self) -> pd.DataFrame:
-        """Columns: plan, bytes, bytes_vs_full, recompute_flops (per decoded token),
-        pareto, and with measurement measured_bytes, counted_flops, step_seconds,
+        """Columns: plan, bytes (held between steps), peak_bound (what ``memory_limit``
+        compares: held bytes with a ``budget``-token chunk, spare rows and the largest
+        recompute's transient), bytes_vs_full, recompute_flops (per decoded token), pareto, and with measurement measured_bytes, counted_flops, step_seconds,
         time_vs_full."""
         return pd.DataFrame(self.rows)
 
@@ -131,6 +132,7 @@ def kvdirect_frontier(
             {
                 "plan": c.plan.name,
                 "bytes": plan_bytes(c.plan, config, context, budget, sliding=sliding),
+                "peak_bound": peak_bound(c.plan, config, context, budget, budget, sliding),
                 # The step that brings the context to ``context`` recomputes what was evicted
                 # before it: context - 1 - budget tokens.
                 "recompute_flops": plan_flops(

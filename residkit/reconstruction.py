@@ -43,7 +43,13 @@ from residkit.architectures import spec_for
 from residkit.capture import Inputs, capture_residuals, to_tokens
 from residkit.projector import KVProjector
 
-__all__ = ["KVReport", "gemm_shape_finding", "kv_reconstruction_report", "recompute_kv"]
+__all__ = [
+    "KVReport",
+    "gemm_shape_finding",
+    "kv_reconstruction_report",
+    "model_kv_cache",
+    "recompute_kv",
+]
 
 Mode = Literal["exact", "fast"]
 MODES: tuple[Mode, ...] = ("exact", "fast")
@@ -185,6 +191,26 @@ class KVReport:
             barmode="group",
         )
         return fig
+
+
+def model_kv_cache(model: TransformerBridge, tokens: Int[Tensor, "1 pos"]) -> Any:
+    """The K/V the model itself stores for ``tokens``: one full-cache forward (a
+    ``transformers.DynamicCache``; ``cache.layers[l].keys`` is ``[1, n_kv_heads, pos, d_head]``).
+
+    Goes through residkit's adapter, so the cache is written on every supported transformers
+    (on 5.24 TransformerLens's bridge ignores a cache handed to it the usual way).
+
+    Example:
+        >>> import residkit
+        >>> model = residkit.load("zoo:llama")
+        >>> cache = model_kv_cache(model, model.to_tokens("abc"))
+        >>> cache.layers[0].keys.shape[2] == model.to_tokens("abc").shape[1]
+        True
+    """
+    cache = new_cache(model)
+    with torch.no_grad():
+        cached_forward(model, tokens, cache)
+    return cache
 
 
 def _err(a: Tensor, b: Tensor) -> tuple[bool, float]:

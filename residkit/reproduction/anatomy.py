@@ -59,10 +59,11 @@ def _squares(table: list[dict[str, Any]]) -> go.Figure:
         rows=math.ceil(n / cols),
         cols=cols,
         subplot_titles=[
-            f"{r['model']}: {int(r['kv_all_layers']) / int(r['residual_one']):.1f}x" for r in table
+            f"{r['model']}<br>{int(r['kv_all_layers']) / int(r['residual_one']):.1f}x"
+            for r in table
         ],
         horizontal_spacing=0.03,
-        vertical_spacing=0.12,
+        vertical_spacing=0.16,
     )
     for i, r in enumerate(table):
         row, col = i // cols + 1, i % cols + 1
@@ -106,9 +107,11 @@ def _squares(table: list[dict[str, Any]]) -> go.Figure:
         )
     fig.update_layout(
         title="Per-token memory anatomy (bf16): areas proportional to bytes; ratio = K/V / one residual",
-        height=260 * math.ceil(n / cols) + 80,
+        height=280 * math.ceil(n / cols) + 120,
         showlegend=True,
+        legend={"orientation": "h", "y": -0.08},
     )
+    fig.update_annotations(font_size=12)
     return fig
 
 
