@@ -194,8 +194,9 @@ class KVReport:
 
 
 def model_kv_cache(model: TransformerBridge, tokens: Int[Tensor, "1 pos"]) -> Any:
-    """The K/V the model itself stores for ``tokens``: one full-cache forward (a
-    ``transformers.DynamicCache``; ``cache.layers[l].keys`` is ``[1, n_kv_heads, pos, d_head]``).
+    """The K/V the model itself stores for ``tokens``: one full-cache forward, returning the
+    ``transformers.DynamicCache`` it filled (keys and values ``[1, n_kv_heads, pos, d_head]``
+    per layer).
 
     Goes through residkit's adapter, so the cache is written on every supported transformers
     (on 5.24 TransformerLens's bridge ignores a cache handed to it the usual way).
@@ -204,7 +205,7 @@ def model_kv_cache(model: TransformerBridge, tokens: Int[Tensor, "1 pos"]) -> An
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> cache = model_kv_cache(model, model.to_tokens("abc"))
-        >>> cache.layers[0].keys.shape[2] == model.to_tokens("abc").shape[1]
+        >>> cache.get_seq_length() == model.to_tokens("abc").shape[1]
         True
     """
     cache = new_cache(model)

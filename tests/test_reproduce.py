@@ -169,3 +169,19 @@ def test_text_output_fits_a_terminal(run) -> None:
     text = result.text(width=100)
     assert max(len(line) for line in text.splitlines()) <= 100
     assert text.count("| REPRODUCED") == (result.table["verdict"] == "reproduced").sum()
+
+
+def test_markdown_page_has_every_claim_and_row(run, tmp_path: Path) -> None:
+    from residkit.reproduction.markdown import write_markdown
+
+    result, report, _ = run
+    page = write_markdown(
+        result, tmp_path / "r.md", command="residkit reproduce --quick", report_path=report,
+        images=False,
+    )  # fmt: skip
+    text = page.read_text()
+    assert "residkit reproduce --quick" in text
+    for claim in CLAIMS:
+        assert f"## {claim}: " in text
+    assert text.count("| reproduced |") == (result.table["verdict"] == "reproduced").sum()
+    assert "D_KL(source \\|\\| patched)" in text  # pipes escaped inside table cells

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import textwrap
 import time
 from collections.abc import Callable, Sequence
@@ -109,7 +110,7 @@ class Reproduction:
             out.append(
                 report.Section(
                     f"{result.claim}: {result.title}",
-                    f"measured in {result.seconds:.0f} s",
+                    f"{describe(result.claim)} Measured in {result.seconds:.0f} s.",
                     result.table,
                     [result.figure(i) for i in range(len(result.figures))],
                 )
@@ -129,6 +130,13 @@ class Reproduction:
             [summary, *self.sections()],
             self.meta,
         )
+
+
+def describe(claim: str) -> str:
+    """How ``claim`` is measured: its module's docstring after the summary, as one paragraph."""
+    module = importlib.import_module(CLAIMS[claim][1].__module__)
+    parts = (module.__doc__ or "").split("\n\n", 1)
+    return " ".join(parts[-1].split())
 
 
 def _provenances(names: Sequence[str], loaded: dict[str, TransformerBridge]) -> dict[str, str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from residkit import report
+from residkit.reproduction import describe
 
 if TYPE_CHECKING:
     from residkit.reproduction import Reproduction
@@ -86,7 +87,7 @@ def write_markdown(
         lines += [
             f"## {claim.claim}: {claim.title}",
             "",
-            f"Measured in {claim.seconds:.0f} s.",
+            f"{describe(claim.claim)} Measured in {claim.seconds:.0f} s.",
             "",
             "| model | quantity | paper | residkit | verdict | why |",
             "|---|---|---|---|---|---|",
