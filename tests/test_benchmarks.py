@@ -68,3 +68,17 @@ def test_spectra_benchmark_runs() -> None:
 def test_gemm_rows_runs() -> None:
     out = _run("gemm_rows.py", "--tiny")
     assert out.count("| SmolLM2-135M K+V (576 -> 384) |") == 2  # 1 and 2 threads
+
+
+def test_frontier_benchmark_runs() -> None:
+    # Exits 1 when a predicted byte count differs from the tensors or FLOPs by more than 10%.
+    out = _run(
+        "frontier.py",
+        *("--model", "zoo:llama", "--context", "40", "--budget", "8", "--steps", "1"),
+    )
+    assert "## zoo:llama" in out and "stride 2" in out and "gemma-3-4b (computed)" in out
+
+
+def test_sink_retention_runs() -> None:
+    out = _run("sink_retention.py", "--model", "zoo:llama", "--budget", "8", "--decoded", "2")
+    assert "snapkv decode=append" in out
