@@ -94,6 +94,7 @@ class ArchSpec:
     resid_pre_hook: str = "blocks.{layer}.hook_resid_pre"
     final_resid_hook: str = "ln_final.hook_in"
     query_placeholder: Literal["empty", "zeros"] = "empty"
+    gated_mlp: bool = True  # gate, up and down projections (3 GEMMs) rather than in and out (2)
     notes: str = ""
 
     @property
@@ -173,6 +174,7 @@ _ROWS = [
     ArchSpec(
         "gpt2",
         ("gpt2",),
+        gated_mlp=False,
         layers_path="transformer.h",
         rotary_path=None,
         position="absolute",
@@ -184,6 +186,7 @@ _ROWS = [
     ArchSpec(
         "gpt_neox",
         ("gpt_neox",),
+        gated_mlp=False,
         layers_path="gpt_neox.layers",
         rotary_path="gpt_neox.rotary_emb",
         position="partial_rotary",

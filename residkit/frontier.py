@@ -30,7 +30,6 @@ import plotly.graph_objects as go
 from residkit.architectures import spec_for
 from residkit.policies.plans import (
     Candidate,
-    _gated,
     candidates,
     choose,
     peak_bound,
@@ -136,7 +135,7 @@ def kvdirect_frontier(
                 # The step that brings the context to ``context`` recomputes what was evicted
                 # before it: context - 1 - budget tokens.
                 "recompute_flops": plan_flops(
-                    c.plan, config, max(0, context - 1 - budget), _gated(config)
+                    c.plan, config, max(0, context - 1 - budget), spec.gated_mlp
                 ),
                 "_kwargs": c.kwargs,
             }

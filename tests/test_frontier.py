@@ -9,7 +9,7 @@ from residkit.zoo import PAPER_CONFIGS, config_for
 from tests.conftest import get_model
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2", "gpt_neox"])
 def test_predictions_equal_tensors_and_counted_flops(family: str) -> None:
     model = get_model(family)
     frontier = residkit.kvdirect_frontier(
@@ -62,3 +62,13 @@ def test_choose_takes_the_least_recompute_that_fits() -> None:
     assert choose(config, spec, 256, 8, 10**12, 8).kwargs is None  # the full cache fits
     with pytest.raises(ValueError, match="smallest any plan can meet"):
         choose(config, spec, 256, 8, 10, 8)
+
+
+def test_bad_arguments_are_named() -> None:
+    model = get_model("llama")
+    with pytest.raises((TypeError, ValueError), match="context"):
+        residkit.kvdirect_frontier(model, context=0)
+    with pytest.raises((TypeError, ValueError), match="budget"):
+        residkit.kvdirect_frontier(model, budget=-1)
+    with pytest.raises(residkit.UnsupportedArchitectureError):
+        residkit.kvdirect_frontier(config_for("llama").__class__(model_type="bert"))

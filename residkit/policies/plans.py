@@ -109,7 +109,10 @@ def _shape(config: Any) -> dict[str, int]:
         "heads": heads,
         "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
         "d_head": getattr(config, "head_dim", None) or config.hidden_size // heads,
-        "d_mlp": config.intermediate_size,
+        # GPT-2 configs name it n_inner, None meaning 4 x d_model.
+        "d_mlp": getattr(config, "intermediate_size", None)
+        or getattr(config, "n_inner", None)
+        or 4 * config.hidden_size,
     }
 
 
@@ -210,12 +213,6 @@ def candidates(layers: list[int]) -> list[Candidate]:
     return out
 
 
-def _gated(config: Any) -> bool:
-    return getattr(config, "hidden_act", "") not in ("gelu_new", "gelu", "gelu_pytorch_tanh") or (
-        "gemma" in str(getattr(config, "model_type", ""))
-    )
-
-
 def peak_bound(
     plan: Plan, config: Any, context: int, budget: int, chunk: int, sliding: tuple[int, ...]
 ) -> int:
@@ -267,7 +264,7 @@ def choose(config: Any, spec: Any, context: int, budget: int, limit: int, chunk:
     scored = []
     for c in candidates(layers):
         bound = peak_bound(c.plan, config, context, budget, chunk, sliding)
-        flops = plan_flops(c.plan, config, max(0, context - budget), _gated(config))
+        flops = plan_flops(c.plan, config, max(0, context - budget), spec.gated_mlp)
         scored.append((flops, bound, c))
     fitting = [s for s in scored if s[1] <= limit]
     if not fitting:
