@@ -193,8 +193,10 @@ class KVReport:
         return fig
 
 
-def model_kv_cache(model: TransformerBridge, tokens: Int[Tensor, "1 pos"]) -> Any:
-    """The K/V the model itself stores for ``tokens``: one full-cache forward, returning the
+@entry
+def model_kv_cache(model: TransformerBridge, tokens: Inputs) -> Any:
+    """The K/V the model itself stores for ``tokens`` (a prompt or ids of one sequence): one
+    full-cache forward, returning the
     ``transformers.DynamicCache`` it filled (keys and values ``[1, n_kv_heads, pos, d_head]``
     per layer).
 
@@ -208,9 +210,12 @@ def model_kv_cache(model: TransformerBridge, tokens: Int[Tensor, "1 pos"]) -> An
         >>> cache.get_seq_length() == model.to_tokens("abc").shape[1]
         True
     """
+    ids = to_tokens(model, tokens)
+    if ids.shape[0] != 1:
+        raise ValueError(f"model_kv_cache takes one sequence, got a batch of {ids.shape[0]}")
     cache = new_cache(model)
     with torch.no_grad():
-        cached_forward(model, tokens, cache)
+        cached_forward(model, ids, cache)
     return cache
 
 

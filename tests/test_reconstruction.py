@@ -6,7 +6,7 @@ import torch
 import residkit
 from residkit.architectures import ArchSpec
 from residkit.reconstruction import kv_reconstruction_report, recompute_kv
-from tests.conftest import raises_naming
+from tests.conftest import get_model, raises_naming
 
 PROMPT = "Keys and values are deterministic projections of the residual stream."
 
@@ -123,3 +123,21 @@ def test_unknown_mode(model_for, no_leaked_hooks) -> None:
     model = model_for("llama")
     with no_leaked_hooks(model), raises_naming("mode", "batched"):
         kv_reconstruction_report(model, "abc", mode="batched")
+
+
+def test_model_kv_cache_is_the_model_cache_and_checks_its_input(no_leaked_hooks) -> None:
+    from residkit.reconstruction import model_kv_cache
+
+    model = get_model("llama")
+    ids = model.to_tokens("Keys are projections of the residual stream.")
+    with no_leaked_hooks(model):
+        cache = model_kv_cache(model, ids)
+    resid = residkit.capture_residuals(model, ids)[1]
+    k, _ = residkit.recompute_kv(model, 1, resid, positions=range(ids.shape[1]))
+    assert torch.equal(k, cache.layers[1].keys)
+    # Negative control: another layer's keys differ.
+    assert not torch.equal(k, cache.layers[2].keys)
+    with pytest.raises(ValueError, match="vocab"):
+        model_kv_cache(model, torch.tensor([[1, model.cfg.d_vocab + 5]]))
+    with pytest.raises(ValueError, match="one sequence"):
+        model_kv_cache(model, ids.repeat(2, 1))
