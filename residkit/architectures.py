@@ -74,6 +74,9 @@ class ArchSpec:
             K and V never read: ``"empty"`` (zero heads, so neither Q's GEMM nor its rotary
             runs) or ``"zeros"`` (Q's full shape: the joint-QKV bridges infer ``d_head`` from Q's
             width, and OLMo 2 normalises Q over its full width).
+        patch_hooks: Activation-patching point -> hook template, for
+            :func:`residkit.patching_sweep`. Families whose attention and MLP read the same
+            residual in parallel (GPT-NeoX) have no ``resid_mid``.
         notes: One line on what makes the family interesting here.
     """
 
@@ -95,6 +98,13 @@ class ArchSpec:
     final_resid_hook: str = "ln_final.hook_in"
     query_placeholder: Literal["empty", "zeros"] = "empty"
     gated_mlp: bool = True  # gate, up and down projections (3 GEMMs) rather than in and out (2)
+    patch_hooks: tuple[tuple[str, str], ...] = (
+        ("resid_pre", "blocks.{layer}.hook_resid_pre"),
+        ("resid_mid", "blocks.{layer}.hook_resid_mid"),
+        ("attn_out", "blocks.{layer}.hook_attn_out"),
+        ("mlp_out", "blocks.{layer}.hook_mlp_out"),
+        ("z", "blocks.{layer}.attn.hook_z"),
+    )
     notes: str = ""
 
     @property
@@ -107,6 +117,24 @@ class ArchSpec:
         if layer == n_layers:
             return self.final_resid_hook
         return self.resid_pre_hook.format(layer=layer)
+
+    def patch_hook(self, point: str, layer: int) -> str:
+        """Hook name of activation-patching ``point`` at block ``layer``.
+
+        Raises:
+            ValueError: the family has no such point (the message lists the ones it has).
+
+        Example:
+            >>> ARCH_TABLE["llama"].patch_hook("attn_out", 3)
+            'blocks.3.hook_attn_out'
+        """
+        table = dict(self.patch_hooks)
+        if point not in table:
+            raise ValueError(
+                f"hook {point!r} is not a patching point of {self.family}; "
+                f"it has: {', '.join(table)}"
+            )
+        return table[point].format(layer=layer)
 
     def sliding_layers(self, hf_config: Any) -> tuple[int, ...]:
         """Indices of layers whose attention is limited to a sliding window."""
@@ -192,6 +220,12 @@ _ROWS = [
         position="partial_rotary",
         key_hook=None,
         query_placeholder="zeros",
+        patch_hooks=(
+            ("resid_pre", "blocks.{layer}.hook_resid_pre"),
+            ("attn_out", "blocks.{layer}.hook_attn_out"),
+            ("mlp_out", "blocks.{layer}.hook_mlp_out"),
+            ("z", "blocks.{layer}.attn.hook_z"),
+        ),
         notes="parallel attention + MLP, rotary on 25% of each head",
     ),
     ArchSpec(

@@ -72,7 +72,7 @@ def _verify(args: argparse.Namespace) -> int:
     import pandas as pd
 
     import residkit
-    from residkit.verify import SECTIONS, verify
+    from residkit.checks import SECTIONS, verify
 
     unknown = sorted(set(args.section or []) - set(SECTIONS))
     if unknown:
@@ -168,7 +168,13 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``residkit`` command."""
-    parser = argparse.ArgumentParser(prog="residkit", description=__doc__.splitlines()[0])
+    from residkit import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="residkit",
+        description="Check, on a real model, that the KV cache is a function of the residual stream.",
+    )
+    parser.add_argument("--version", action="version", version=f"residkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="run every residkit check on one model")
     v.add_argument(

@@ -9,13 +9,15 @@ are bitwise equal. Patching only some positions breaks it (the others still carr
 which is the negative control.
 
 Cost: a full-position patch at layer ``l`` makes blocks ``0..l-1`` irrelevant, so residkit
-does not run them. A full :func:`markov_test` over ``L`` layers costs about ``L/2`` full
-forwards, not ``L``.
+does not run them. A full :func:`markov_test` over ``L`` layers runs two full forwards (the
+source, captured and scored in one run; the unpatched target, the control) and ``L + 1``
+patched runs of ``L - l`` blocks each: about ``(L + 1) / 2 + 2`` forwards, not ``L + 3``.
 """
 
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import pandas as pd
@@ -27,12 +29,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._bridge import temporary_hooks
 from residkit._entry import entry
 from residkit._validate import choice
 from residkit.architectures import spec_for
-from residkit.capture import Inputs, capture_residuals, check_layers, to_tokens
-from residkit.metrics import kl_divergence
-from residkit.patching import patch_residual
+from residkit.capture import Inputs, check_layers, to_tokens
+from residkit.patching import run_patched
 
 __all__ = ["TASKS", "Align", "CrossTaskReport", "MarkovReport", "cross_task_suite", "markov_test"]
 
@@ -161,19 +163,42 @@ def markov_test(
         raise ValueError("markov_test compares one source prompt with one target prompt")
     if torch.equal(src, tgt):
         raise ValueError("source and target are the same tokens; the test would show nothing")
-    spec = spec_for(model)
-    src_resid = capture_residuals(model, src, layers=wanted)
-    src_logits = model(src)
-    control = kl_divergence(src_logits, model(tgt)).max().item()
-    rows = []
+    src_resid, src_logits = capture_with_logits(model, src, wanted)
+    report = _patched_rows(model, src, tgt, wanted, src_resid, src_logits, model(tgt))
+    if to_tokens(model, source).shape != to_tokens(model, target).shape:
+        report.align = align
+    return report
+
+
+def _patched_rows(
+    model: TransformerBridge,
+    src: Tensor,
+    tgt: Tensor,
+    wanted: list[int],
+    src_resid: Tensor,
+    src_logits: Tensor,
+    tgt_logits: Tensor,
+) -> MarkovReport:
+    """The test proper, from the source's residuals and logits and the target's logits
+    (``residkit verify`` passes the ones its other sections computed)."""
+    # log-softmax of the source once, in float64; each layer then costs one patched run
+    # (blocks >= layer only) and one log-softmax of its logits.
+    log_p = torch.log_softmax(src_logits.double(), dim=-1)
+    p = log_p.exp()
+    control = _kl(p, log_p, tgt_logits).max().item()
+    rows: list[dict[str, object]] = []
     for i, layer in enumerate(wanted):
-        patched = patch_residual(model, tgt, src_resid[i], layer=layer)
+        patched = run_patched(model, tgt, src_resid[i], layer)
+        equal = torch.equal(patched, src_logits)
         rows.append(
             {
                 "layer": layer,
-                "kl": kl_divergence(src_logits, patched).max().item(),
-                "max_abs_dlogit": (patched - src_logits).abs().max().item(),
-                "bitwise_equal": torch.equal(patched, src_logits),
+                # Bitwise-equal logits give bitwise-equal log-softmaxes, whose difference is
+                # 0.0 in every term: the float64 KL below would return exactly 0.0, and the
+                # largest logit difference is 0.0 by definition.
+                "kl": 0.0 if equal else _kl(p, log_p, patched).max().item(),
+                "max_abs_dlogit": 0.0 if equal else (patched - src_logits).abs().max().item(),
+                "bitwise_equal": equal,
                 "control_kl": control,
             }
         )
@@ -181,9 +206,29 @@ def markov_test(
         rows=rows,
         source_tokens=src.shape[1],
         target_tokens=tgt.shape[1],
-        align=align if to_tokens(model, source).shape != to_tokens(model, target).shape else None,
-        model_name=spec.family,
+        model_name=spec_for(model).family,
     )
+
+
+def capture_with_logits(
+    model: TransformerBridge, tokens: Tensor, layers: list[int]
+) -> tuple[Tensor, Tensor]:
+    """The residuals at ``layers`` (stacked) and the logits, from one forward."""
+    spec, n = spec_for(model), model.cfg.n_layers
+    store: dict[int, Tensor] = {}
+
+    def keep(layer: int, act: Tensor, hook: object) -> None:
+        store[layer] = act.detach().clone()
+
+    hooks = [(spec.resid_hook(layer, n), partial(keep, layer)) for layer in sorted(set(layers))]
+    with temporary_hooks(model, hooks):
+        logits = model(tokens)
+    return torch.stack([store[layer] for layer in layers]), logits
+
+
+def _kl(p: Tensor, log_p: Tensor, q_logits: Tensor) -> Tensor:
+    """KL(P || Q) per position in float64, P given by its probabilities and log-probabilities."""
+    return (p * (log_p - torch.log_softmax(q_logits.double(), dim=-1))).sum(-1)
 
 
 @dataclass

@@ -82,3 +82,19 @@ def test_frontier_benchmark_runs() -> None:
 def test_sink_retention_runs() -> None:
     out = _run("sink_retention.py", "--model", "zoo:llama", "--budget", "8", "--decoded", "2")
     assert "snapkv decode=append" in out
+
+
+def test_patching_benchmark_runs() -> None:
+    # Exit code 1 means "under 5x": the target is set for SmolLM2 at 32 tokens, not this.
+    out = _run(
+        "patching.py",
+        *("--model", "zoo:llama", "--tokens", "8", "--hooks", "resid_pre", "z"),
+        codes=(0, 1),
+    )
+    assert "| resid_pre |" in out and "| z " in out
+
+
+def test_startup_benchmark_runs() -> None:
+    out = _run("startup.py", "--model", "zoo:llama", "--tokens", "16", codes=(0, 1))
+    assert "import residkit:" in out and "forward-equivalents" in out
+    assert "verify checks:" in out and "(passed: True)" in out

@@ -1,12 +1,29 @@
-"""Residual patching and activation-patching sweeps."""
+"""Residual patching and batched activation-patching sweeps, against TransformerLens's functions."""
 
+import subprocess
+import sys
+
+import pandas as pd
 import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
 import residkit
-from residkit.patching import patch_residual, patching_heatmap, patching_sweep
-from tests.conftest import Boom, failing_forward
+from residkit.patching import HOOKS, PatchingSweep, patch_residual, patching_sweep
+from tests.conftest import Boom, failing_forward, get_real
+
+TL = {
+    "resid_pre": tl_patching.get_act_patch_resid_pre,
+    "resid_mid": tl_patching.get_act_patch_resid_mid,
+    "attn_out": tl_patching.get_act_patch_attn_out,
+    "mlp_out": tl_patching.get_act_patch_mlp_out,
+    "z": tl_patching.get_act_patch_attn_head_out_by_pos,
+}
+# Batched rows go through GEMMs of another shape than TL's one-row runs, so they may round
+# differently; measured on SmolLM2-135M (benchmarks/patching.py, docs/patching.md) the largest
+# difference is 0 to 4e-7 of the largest |value|. 1e-4 leaves room for other BLAS builds and
+# still fails for any real difference (a patch in the wrong place moves values by O(1)).
+TOLERANCE = 1e-4
 
 
 def test_final_layer_patch(model_for) -> None:
@@ -16,20 +33,99 @@ def test_final_layer_patch(model_for) -> None:
     assert torch.equal(patch_residual(model, "HELLO THERE", resid, layer=n), model("hello there"))
 
 
-def test_sweep_matches_transformer_lens(model_for) -> None:
+def _metric(logits: torch.Tensor) -> torch.Tensor:
+    return logits[0, -1, 100] - logits[0, -1, 101]
+
+
+@pytest.fixture(scope="module")
+def llama_pair(model_for):
     model = model_for("llama")
     clean, corrupted = model.to_tokens("The cat sat on"), model.to_tokens("The dog ran on")
+    _, clean_cache = model.run_with_cache(clean)
+    return model, clean, corrupted, clean_cache
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_sweep_matches_transformer_lens(hook, llama_pair) -> None:
+    model, clean, corrupted, clean_cache = llama_pair
+    ref = TL[hook](model, corrupted, clean_cache, _metric).cpu()
+    one = patching_sweep(model, clean, corrupted, _metric, hook=hook, batch_size=1, progress=False)
+    batched = patching_sweep(model, clean, corrupted, _metric, hook=hook, progress=False)
+    assert one.values.shape == batched.values.shape == ref.shape
+    assert batched.batch_size > 1
+    # One run per forward from the cached residual: the same GEMMs as TL's full runs, so equal.
+    assert torch.equal(one.values, ref)
+    assert (batched.values - ref).abs().max().item() <= TOLERANCE * ref.abs().max().item()
+    assert ref.abs().max().item() > 0
+    # Negative control: the same values one layer off disagree, so the comparison can fail.
+    assert not torch.allclose(one.values[1:], ref[:-1], atol=TOLERANCE * ref.abs().max().item())
+
+
+def test_sweep_skips_blocks_and_batches(llama_pair) -> None:
+    model, clean, corrupted, _ = llama_pair
+    n, n_pos = model.cfg.n_layers, clean.shape[1]
+    sweep = patching_sweep(model, clean, corrupted, _metric, batch_size=3, progress=False)
+    chunks = -(-n_pos // 3)
+    assert sweep.n_forwards == 2 + n * chunks
+    # Patches at layer l run blocks l..n-1 only: sum over layers of (n - l) per patched run.
+    assert sweep.block_runs == n_pos * n * (n + 1) // 2
+
+
+def test_sweep_result_table_and_figure(llama_pair) -> None:
+    model, clean, corrupted, _ = llama_pair
+    sweep = patching_sweep(
+        model, clean, corrupted, _metric, hook="z", positions=[1, 3], progress=False
+    )
+    assert isinstance(sweep, PatchingSweep)
+    n, heads = model.cfg.n_layers, model.cfg.n_heads
+    assert sweep.values.shape == (n, 2, heads)
+    table = sweep.table
+    assert isinstance(table, pd.DataFrame) and len(table) == n * 2 * heads
+    assert table.columns.tolist() == ["layer", "pos", "token", "head", "value"]
+    assert sorted(set(table["pos"])) == [1, 3]
+    fig = sweep.figure()
+    assert fig.data[0].z.shape == (n * heads, 2)
+    assert list(fig.data[0].x) == [
+        f"{p}: {t!r}" for p, t in zip([1, 3], sweep.str_tokens, strict=True)
+    ]
+    full = patching_sweep(model, clean, corrupted, _metric, hook="z", progress=False)
+    assert torch.equal(sweep.values, full.values[:, [1, 3]])
+
+
+def test_no_resid_mid_on_parallel_blocks(model_for, no_leaked_hooks) -> None:
+    model = model_for("gpt_neox")
+    with no_leaked_hooks(model), pytest.raises(ValueError, match="'resid_mid' is not a patching"):
+        patching_sweep(model, "ab", "cd", lambda x: x.sum(), hook="resid_mid")
+
+
+def test_real_model_sweep_matches_transformer_lens() -> None:
+    """SmolLM2-135M: TL's sweep on a sample of cells, residkit's batched and one-at-a-time."""
+    model = get_real("smollm2-135m-instruct")
+    clean = model.to_tokens("When Mary and John went to the store, John gave a drink to")
+    mary, john = (model.tokenizer.encode(name)[0] for name in (" Mary", " John"))
+    corrupted = torch.where(clean == mary, john, torch.where(clean == john, mary, clean))
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
-        return logits[0, -1, 100] - logits[0, -1, 101]
+        return logits[0, -1, mary] - logits[0, -1, john]
 
-    ours = patching_sweep(model, clean, corrupted, metric, progress=False)
     _, clean_cache = model.run_with_cache(clean)
-    ref = tl_patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric)
-    assert ours.shape == ref.shape == (model.cfg.n_layers, clean.shape[1])
-    assert (ours - ref).abs().max().item() <= 1e-6
-    assert ours.abs().max().item() > 0  # the sweep measured something
-    assert patching_heatmap(ours).data[0].z.shape == tuple(ours.shape)
+    cells = pd.DataFrame([(layer, (layer * 5) % clean.shape[1]) for layer in range(0, 30, 3)])
+    cells.columns = ["layer", "pos"]
+    setter = tl_patching.get_act_patch_attn_out.keywords["patch_setter"]
+    ref = tl_patching.generic_activation_patch(
+        model, corrupted, clean_cache, metric, setter, "attn_out", index_df=cells
+    )
+    for batch_size in (1, None):
+        sweep = patching_sweep(
+            model, clean, corrupted, metric, hook="attn_out", batch_size=batch_size, progress=False
+        )
+        ours = torch.stack([sweep.values[r.layer, r.pos] for r in cells.itertuples()])
+        scale = sweep.values.abs().max().item()
+        assert scale > 1.0  # swapping the names moves the logit difference
+        if batch_size == 1:
+            assert torch.equal(ours, ref.cpu())
+        else:
+            assert (ours - ref.cpu()).abs().max().item() <= TOLERANCE * scale
 
 
 @pytest.mark.parametrize(
@@ -45,6 +141,10 @@ def test_sweep_matches_transformer_lens(model_for) -> None:
             r"positions \[7\] invalid",
         ),
         (lambda m: patching_sweep(m, "abc", "abcd", lambda x: x.sum()), "same token length"),
+        (lambda m: patching_sweep(m, "ab", "cd", _metric, hook="q"), "hook 'q' is not"),
+        (lambda m: patching_sweep(m, "ab", "cd", _metric, positions=[3]), r"positions \[3\]"),
+        (lambda m: patching_sweep(m, "ab", "cd", _metric, batch_size=0), "batch_size must"),
+        (lambda m: patching_sweep(m, "ab", "cd", lambda x: x[0, -1]), "metric must return"),
     ],
 )
 def test_bad_input(call, message, model_for, no_leaked_hooks) -> None:
@@ -58,4 +158,25 @@ def test_hooks_and_skips_removed_on_error(model_for, no_leaked_hooks) -> None:
     resid = torch.zeros(1, 3, 64)
     with failing_forward(model), no_leaked_hooks(model), pytest.raises(Boom):
         patch_residual(model, "ab", resid, layer=2)
+    with failing_forward(model), no_leaked_hooks(model), pytest.raises(Boom):
+        patching_sweep(model, "ab", "cd", _metric, hook="mlp_out", progress=False)
     assert all("forward" not in b.__dict__ for b in model.blocks)
+
+
+def test_import_and_cli_help_load_no_torch() -> None:
+    """``import residkit`` and ``residkit --help`` / ``--version`` import neither torch nor TL."""
+    code = (
+        "import sys, residkit\n"
+        "from residkit.cli import main\n"
+        "for flag in ('--help', '--version'):\n"
+        "    try:\n"
+        "        main([flag])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0\n"
+        "heavy = [m for m in ('torch', 'transformer_lens', 'plotly', 'pandas') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert callable(residkit.load) and 'torch' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "residkit 0.1.0" in done.stdout and "usage: residkit" in done.stdout

@@ -3,9 +3,9 @@
 import pytest
 
 import residkit
-from residkit.verify import SECTIONS, VerifyContext, verify
-from residkit.verify import baselines as baselines_section
-from residkit.verify import spectra as spectra_section
+from residkit.checks import SECTIONS, VerifyContext, verify
+from residkit.checks import baselines as baselines_section
+from residkit.checks import spectra as spectra_section
 
 
 def test_every_section_passes_and_leaves_no_hooks(model_for, no_leaked_hooks, tmp_path) -> None:
@@ -25,7 +25,7 @@ def test_every_section_passes_and_leaves_no_hooks(model_for, no_leaked_hooks, tm
 
 def test_a_failing_claim_fails_the_report(model_for, monkeypatch) -> None:
     """Negative control: a section whose claim fails makes the report fail."""
-    from residkit.verify import base
+    from residkit.checks import base
 
     report = base.VerifyReport(model="m", checks=[base.Check("x", "claim", "no", False)])
     assert not report.passed

@@ -1,6 +1,6 @@
 """Plotly figures. Every experiment's result object has a ``.figure()``; these are the shared ones."""
 
-from residkit.patching import patching_heatmap
+from residkit.viz.patching import patching_heatmap
 from residkit.viz.residual import residual_norm_figure
 from residkit.viz.spectra import rank_heatmap, spectrum
 

@@ -4,16 +4,52 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import plotly.graph_objects as go
+import torch
+from torch import Tensor
 
-__all__ = ["VERIFY_PROMPTS", "Check", "VerifyContext", "VerifyReport"]
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from residkit.generation import Generation
+
+__all__ = ["NEW_TOKENS", "VERIFY_PROMPTS", "Check", "Shared", "VerifyContext", "VerifyReport"]
 
 VERIFY_PROMPTS = (
     "Question: what is 17 + 25? Answer:",
-    "def fibonacci(n):\n    if n < 2:",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + "
+    "fibonacci(n - 2)\n\nprint(fibonacci(10))  # prints",
 )
+"""The source prompt (capture, Markov, K/V) and the decoding prompt (Markov's target, every
+generation); the second is the longer, so the Markov pair keeps the first whole."""
+
+NEW_TOKENS = 24
+"""Tokens decoded by the generation checks, all against one full-cache reference."""
+
+
+@dataclass
+class Shared:
+    """What several sections use, computed once per verify run.
+
+    Attributes:
+        source: The first prompt's tokens.
+        target: The second prompt's last ``len(source)`` tokens (the Markov pair, right-aligned),
+            or None where the second prompt is the shorter.
+        resid: The source's residual before every block and after the last (one capture run).
+        logits: The source's logits (from the same run).
+        target_logits: The target's logits, or None with ``target``.
+        reference: Full-cache greedy decoding of the second prompt, logits kept, EOS ignored.
+    """
+
+    source: Tensor
+    target: Tensor | None
+    resid: Tensor
+    logits: Tensor
+    target_logits: Tensor | None
+    reference: Generation
 
 
 @dataclass
@@ -42,6 +78,35 @@ class VerifyContext:
     out_dir: Path
     prompts: tuple[str, str] = VERIFY_PROMPTS
     figures: bool = True
+    _shared: Shared | None = field(default=None, repr=False)
+
+    @torch.no_grad()
+    def shared(self, model: TransformerBridge) -> Shared:
+        """The :class:`Shared` runs, made on first use."""
+        if self._shared is None:
+            from residkit.generation import generate
+            from residkit.markov import capture_with_logits
+
+            n = model.cfg.n_layers
+            source, second = (model.to_tokens(p) for p in self.prompts)
+            resid, logits = capture_with_logits(model, source, list(range(n + 1)))
+            k = source.shape[1]
+            target = second[:, -k:] if second.shape[1] >= k else None
+            self._shared = Shared(
+                source=source,
+                target=target,
+                resid=resid,
+                logits=logits,
+                target_logits=None if target is None else model(target),
+                reference=generate(
+                    model,
+                    self.prompts[1],
+                    max_new_tokens=NEW_TOKENS,
+                    return_logits=True,
+                    stop_at_eos=False,
+                ),
+            )
+        return self._shared
 
     def save(self, fig: go.Figure, name: str) -> str | None:
         """Write ``fig`` as ``name.html`` (plotly.js beside it, once, never from a CDN)."""

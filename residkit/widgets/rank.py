@@ -1,8 +1,4 @@
-"""Interactive Jupyter apps (ipywidgets 8 + plotly ``FigureWidget``).
-
-plotly's ``FigureWidget`` is an ``anywidget`` widget since plotly 6, so ``anywidget`` must
-be installed for these apps (JupyterLab 4 needs no extension beyond that).
-"""
+"""The effective-rank explorer: energy slider, model dropdown, rank heatmap, one head's spectrum."""
 
 from typing import Any
 
@@ -12,28 +8,9 @@ import plotly.graph_objects as go
 from residkit._validate import check_energy
 from residkit.spectra import QKSpectra
 from residkit.viz.spectra import SIGMA, check_head, rank_heatmap, spectrum
+from residkit.widgets._sync import sync as _sync
 
 __all__ = ["RankExplorer", "rank_explorer"]
-
-
-def _sync(target: go.FigureWidget, source: go.Figure) -> None:
-    """Copy ``source``'s traces and title/shapes into ``target`` in place (one message).
-
-    The widget's traces stay the same objects (click handlers stay attached, the front end
-    restyles instead of redrawing); both figures come from the same builder, so the traces
-    correspond one to one.
-    """
-    with target.batch_update():
-        for old, new in zip(target.data, source.data, strict=True):
-            props = new.to_plotly_json()
-            # A property the new figure leaves unset (cell text on a large model) must be
-            # cleared, not kept from the previous model.
-            props.update({key: None for key in old.to_plotly_json() if key not in props})
-            props.pop("type", None)
-            props.pop("uid", None)
-            old.update(props, overwrite=True)
-        target.layout.title = source.layout.title
-        target.layout.shapes = source.layout.shapes
 
 
 class RankExplorer(widgets.VBox):

@@ -22,8 +22,8 @@ from pathlib import Path
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._entry import entry
-from residkit.verify import baselines, capture, kv, kvdirect, load, markov, spectra
-from residkit.verify.base import VERIFY_PROMPTS, Check, VerifyContext, VerifyReport
+from residkit.checks import baselines, capture, kv, kvdirect, load, markov, spectra
+from residkit.checks.base import VERIFY_PROMPTS, Check, VerifyContext, VerifyReport
 
 __all__ = ["SECTIONS", "VERIFY_PROMPTS", "Check", "VerifyContext", "VerifyReport", "verify"]
 

@@ -6,8 +6,8 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import hf_config, hf_model, n_kv_heads
 from residkit.architectures import spec_for
+from residkit.checks.base import Check, VerifyContext
 from residkit.registry import provenance
-from residkit.verify.base import Check, VerifyContext
 
 
 def run(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:

@@ -7,8 +7,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import hook_count
 from residkit.architectures import spec_for
-from residkit.capture import capture_residuals
-from residkit.verify.base import Check, VerifyContext
+from residkit.checks.base import Check, VerifyContext
 from residkit.viz.residual import residual_norm_figure
 
 
@@ -16,8 +15,9 @@ from residkit.viz.residual import residual_norm_figure
 def run(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
     prompt = ctx.prompts[0]
     before = hook_count(model)
-    resid = capture_residuals(model, prompt)
-    _, cache = model.run_with_cache(model.to_tokens(prompt))
+    shared = ctx.shared(model)
+    resid = shared.resid
+    _, cache = model.run_with_cache(shared.source)
     spec, n = spec_for(model), model.cfg.n_layers
     refs = [cache[spec.resid_hook(layer, n)] for layer in range(n + 1)]
     equal = [torch.equal(resid[layer], refs[layer]) for layer in range(n + 1)]
@@ -28,7 +28,7 @@ def run(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
     return [
         Check(
             "capture",
-            "capture_residuals == run_with_cache (bitwise, all layers)",
+            "captured residuals == run_with_cache (bitwise, all layers)",
             f"{sum(equal)}/{n + 1} layers equal",
             all(equal),
             ctx.save(fig, "residual_norms"),

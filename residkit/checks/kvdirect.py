@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit.checks.base import NEW_TOKENS, Check, VerifyContext
 from residkit.generation import generate
 from residkit.policies import KVDirect
 from residkit.policies.kvdirect import KVDIRECT_MODES
-from residkit.verify.base import Check, VerifyContext
 
 
 def run(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
-    prompt, n_new = ctx.prompts[1], 24
-    full = generate(model, prompt, max_new_tokens=n_new, return_logits=True, stop_at_eos=False)
+    prompt, n_new = ctx.prompts[1], NEW_TOKENS
+    full = ctx.shared(model).reference
     assert full.logits is not None
     checks = []
     for budget in (4, 16):

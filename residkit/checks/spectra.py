@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit.checks.base import Check, VerifyContext
 from residkit.spectra import explicit_qk_svdvals, qk_spectra
-from residkit.verify.base import Check, VerifyContext
 
 
 @torch.no_grad()

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit.markov import markov_test
-from residkit.verify.base import Check, VerifyContext
+from residkit.checks.base import Check, VerifyContext
+from residkit.markov import _patched_rows, markov_test
 
 
 def run(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
-    report = markov_test(model, ctx.prompts[0], ctx.prompts[1], align="right")
+    shared = ctx.shared(model)
+    if shared.target is None or shared.target_logits is None:
+        report = markov_test(model, ctx.prompts[0], ctx.prompts[1], align="right")
+    else:
+        # The source's capture run (residuals and logits) is the one the capture section used.
+        layers = list(range(model.cfg.n_layers + 1))
+        report = _patched_rows(
+            model,
+            shared.source,
+            shared.target,
+            layers,
+            shared.resid,
+            shared.logits,
+            shared.target_logits,
+        )
+        report.align = "right"
     table = report.table
     return [
         Check(

@@ -9,8 +9,8 @@ from __future__ import annotations
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import hook_count
+from residkit.checks.base import Check, VerifyContext
 from residkit.comparison import compare_policies
-from residkit.verify.base import Check, VerifyContext
 
 
 def run(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:

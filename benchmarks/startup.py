@@ -1,0 +1,101 @@
+"""Start-up and check times: ``import residkit``, ``residkit --help``, ``markov_test`` and ``verify``.
+
+Measured in one run, each against a reference taken in the same process:
+
+- ``import residkit`` and ``residkit --help`` / ``--version``: wall time of fresh interpreters
+  (best of 3), beside a bare ``python -c pass``;
+- ``markov_test`` on a real model, one pair of real prompts at every layer: its time over
+  the time of one full forward of the same prompt (best of 3), against the block count it
+  runs, ``(L + 1) / 2 + 3`` forward-equivalents;
+- ``residkit.verify`` (every section, figures off): seconds per section and in all.
+
+Run: ``python benchmarks/startup.py [--model smollm2-135m-instruct] [--tokens 161]``.
+Exits 1 if import takes 2 s or more, ``--help`` 3 s or more, or markov_test exceeds its
+forward-equivalent bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+import residkit
+from residkit.reproduction.prompts import prompt_set
+
+
+def best_wall(argv: list[str], runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def best_of(fn, runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--tokens", type=int, default=161)
+    args = parser.parse_args()
+    print(
+        f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+    ok = True
+    bare = best_wall([sys.executable, "-c", "pass"])
+    imp = best_wall([sys.executable, "-c", "import residkit"])
+    cli = best_wall([sys.executable, "-m", "residkit.cli", "--help"])
+    ver = best_wall([sys.executable, "-m", "residkit.cli", "--version"])
+    print(f"python -c pass: {bare:.2f} s; import residkit: {imp:.2f} s; ", end="")
+    print(f"residkit --help: {cli:.2f} s; residkit --version: {ver:.2f} s")
+    ok &= imp < 2 and cli < 3
+
+    model = residkit.load(args.model)
+    n = model.cfg.n_layers
+    (_, src), (_, tgt) = prompt_set(model, n=2, tokens=args.tokens)
+    forward = best_of(lambda: model(src))
+    markov = best_of(lambda: residkit.markov_test(model, src, tgt), runs=1)
+    bound = (n + 1) / 2 + 3
+    print(
+        f"{args.model}: {src.shape[1]} tokens, {n} layers; one forward {forward:.3f} s; "
+        f"markov_test {markov:.2f} s = {markov / forward:.1f} forward-equivalents "
+        f"(bound (L + 1) / 2 + 3 = {bound:.1f})"
+    )
+    ok &= markov / forward <= bound
+
+    times: dict[str, float] = {}
+    report = residkit.verify(
+        model,
+        name=args.model,
+        figures=False,
+        progress=lambda s: times.__setitem__(s, time.perf_counter()),
+    )
+    end = time.perf_counter()
+    names = list(times)
+    for i, name in enumerate(names):
+        stop = times[names[i + 1]] if i + 1 < len(names) else end
+        print(f"  verify {name}: {stop - times[name]:.1f} s")
+    print(f"verify checks: {report.seconds:.1f} s in all (passed: {report.passed})")
+    ok &= report.passed
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
