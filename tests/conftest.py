@@ -3,6 +3,7 @@
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +56,13 @@ def full_reference(arch: str, tokens: torch.Tensor, max_new_tokens: int) -> Gene
             stop_at_eos=False,
         )
     return _REFERENCES[key]
+
+
+@pytest.fixture(scope="session")
+def executed_notebooks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the notebooks run during the session are saved with their outputs: by JupyterLab
+    in ``tests/test_browser.py``, or by nbclient in ``tests/test_notebooks.py`` without it."""
+    return tmp_path_factory.mktemp("executed-notebooks")
 
 
 @pytest.fixture(scope="session")

@@ -24,3 +24,25 @@ def test_verify_missing_model_exits_2(capsys) -> None:
 def test_a_bare_zoo_family_name_points_to_the_zoo_prefix(capsys) -> None:
     assert cli.main(["verify", "--model", "llama"]) == 2
     assert "--model zoo:llama" in capsys.readouterr().err
+
+
+def test_verify_writes_nothing_unless_asked(capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["verify", "--model", "zoo:llama", "--section", "capture"]) == 0
+    out = capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+    # The terminal table fits 100 columns and shows no NaN where a row has no figure.
+    assert max(len(line) for line in out.splitlines()) <= 100
+    assert "nan" not in out.lower() and "PASS  capture: captured residuals" in out
+
+
+def test_verify_report_is_one_self_contained_file(capsys, tmp_path) -> None:
+    report, figures = tmp_path / "r" / "report.html", tmp_path / "figs"
+    args = ["verify", "--model", "zoo:llama", "--section", "capture", "--section", "markov"]
+    assert cli.main([*args, "--report", str(report), "--out", str(figures)]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {report}" in out and f"figures: {figures}" in out
+    html = report.read_text()
+    assert html.count('class="plotly-graph-div"') == 2 and 'src="http' not in html
+    assert "transformer-lens" in html and "zoo:llama" in html
+    assert sorted(p.name for p in figures.glob("*.html")) == ["markov.html", "residual_norms.html"]

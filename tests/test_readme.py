@@ -14,7 +14,7 @@ def test_readme_has_exactly_two_commands() -> None:
     commands = _readme_commands()
     assert len(commands) == 2
     assert commands[0].endswith("residkit verify")
-    assert "pytest" in commands[1] and "--nbmake" in commands[1]
+    assert "pytest" in commands[1] and "tests residkit" in commands[1]
 
 
 def test_ci_runs_the_readme_test_command() -> None:

@@ -46,7 +46,7 @@ def verify(
     model: TransformerBridge,
     *,
     name: str = "model",
-    out_dir: str | Path = "residkit-verify",
+    out_dir: str | Path | None = None,
     sections: list[str] | None = None,
     figures: bool = True,
     progress: Callable[[str], None] | None = None,
@@ -56,9 +56,10 @@ def verify(
     Args:
         model: A bridge from :func:`residkit.load`.
         name: Label for the report.
-        out_dir: Where figures are written (HTML).
+        out_dir: Folder to write each figure to as HTML; default none (the figures stay in
+            ``report.figures``, and :meth:`VerifyReport.write_html` embeds them).
         sections: Subset of :data:`SECTIONS` to run (default: all).
-        figures: Write figures (off in tests that only need the numbers).
+        figures: Make figures (off where only the numbers are needed).
         progress: Called with each section's name before it runs.
 
     Returns:
@@ -71,7 +72,7 @@ def verify(
         unknown = sorted(set(sections) - set(SECTIONS))
         if unknown:
             raise ValueError(f"unknown verify section(s) {unknown}; known: {', '.join(SECTIONS)}")
-    ctx = VerifyContext(out_dir=Path(out_dir), figures=figures)
+    ctx = VerifyContext(out_dir=None if out_dir is None else Path(out_dir), figures=figures)
     report = VerifyReport(model=name)
     start = time.perf_counter()
     for section in SECTIONS:
@@ -79,6 +80,10 @@ def verify(
             continue
         if progress is not None:
             progress(section)
+        made = len(ctx.made)
         report.checks.extend(_RUN[section](model, ctx))
+        new = list(ctx.made.values())[made:]
+        if new:
+            report.figures[section] = new
     report.seconds = time.perf_counter() - start
     return report

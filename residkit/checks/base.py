@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -75,9 +76,10 @@ class Check:
 class VerifyContext:
     """What sections share: the output folder for figures and the prompts."""
 
-    out_dir: Path
+    out_dir: Path | None = None
     prompts: tuple[str, str] = VERIFY_PROMPTS
     figures: bool = True
+    made: dict[str, go.Figure] = field(default_factory=dict, repr=False)
     _shared: Shared | None = field(default=None, repr=False)
 
     @torch.no_grad()
@@ -109,8 +111,12 @@ class VerifyContext:
         return self._shared
 
     def save(self, fig: go.Figure, name: str) -> str | None:
-        """Write ``fig`` as ``name.html`` (plotly.js beside it, once, never from a CDN)."""
+        """Keep ``fig`` for the report under ``name``; with an ``out_dir``, also write it as
+        ``name.html`` there (plotly.js beside it, once, never from a CDN) and return the path."""
         if not self.figures:
+            return None
+        self.made[name] = fig
+        if self.out_dir is None:
             return None
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{name}.html"
@@ -125,6 +131,8 @@ class VerifyReport:
     model: str
     checks: list[Check] = field(default_factory=list)
     seconds: float = 0.0
+    figures: dict[str, list[go.Figure]] = field(default_factory=dict, repr=False)
+    """Section -> the figures its checks made (empty with ``figures=False``)."""
 
     @property
     def table(self) -> pd.DataFrame:
@@ -138,6 +146,57 @@ class VerifyReport:
     def passed(self) -> bool:
         """True when no claim failed (information rows do not count)."""
         return all(c.passed is not False for c in self.checks)
+
+    def text(self, width: int = 100) -> str:
+        """The table as plain text no wider than ``width`` columns (what the CLI prints):
+        one line per check with its verdict, the result wrapped and indented below it."""
+        lines = []
+        for c in self.checks:
+            verdict = {True: "PASS", False: "FAIL", None: "info"}[c.passed]
+            head = f"{verdict:4}  {c.section}: {c.check}"
+            lines.extend(textwrap.wrap(head, width, subsequent_indent="        "))
+            lines.extend(
+                textwrap.wrap(
+                    c.result, width, initial_indent="      ", subsequent_indent="        "
+                )
+            )
+        return "\n".join(lines)
+
+    def write_html(self, path: str | Path, meta: dict[str, str] | None = None) -> Path:
+        """One self-contained HTML file: the table, every figure, the model's provenance and
+        the versions and date (plotly.js embedded once; opens with no network)."""
+        from residkit import report
+
+        sections = [
+            report.Section(
+                "Summary",
+                f"{'All exactness claims hold' if self.passed else 'SOME CLAIMS FAILED'}; "
+                f"checks took {self.seconds:.1f} s.",
+                self.text_table(),
+            )
+        ]
+        for section in dict.fromkeys(c.section for c in self.checks):
+            rows = self.text_table()
+            sections.append(
+                report.Section(
+                    section,
+                    "",
+                    rows[rows["section"] == section].drop(columns="section"),
+                    self.figures.get(section, []),
+                )
+            )
+        return report.write(
+            path,
+            f"residkit verify: {self.model}",
+            sections,
+            {**(meta or {}), **report.environment()},
+        )
+
+    def text_table(self) -> pd.DataFrame:
+        """Section, check, result and PASS / FAIL / info: the table without figure paths."""
+        df = self.table[["section", "check", "result", "passed"]].copy()
+        df["passed"] = df["passed"].map({True: "PASS", False: "FAIL", None: "info"})
+        return df
 
     def figure(self) -> go.Figure:
         """The table as a plotly table, claims coloured by outcome."""
