@@ -3,7 +3,7 @@
 Importing residkit changes nothing: no global patches, no hooks. Every function that adds
 hooks to a model removes them before returning, also when it raises.
 
-Example:
+Examples:
     >>> import residkit
     >>> model = residkit.load("zoo:llama")
     >>> residkit.capture_residuals(model, "The residual stream").shape[0] == model.cfg.n_layers + 1

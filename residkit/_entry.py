@@ -31,7 +31,7 @@ _LOCKS_LOCK = threading.Lock()
 def check_model(model: Any) -> None:
     """A TypeError unless ``model`` is a TransformerLens bridge (what :func:`residkit.load` gives).
 
-    Example:
+    Examples:
         >>> check_model("zoo:llama")
         Traceback (most recent call last):
         ...

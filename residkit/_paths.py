@@ -11,7 +11,7 @@ def home() -> Path:
 
     Zoo checkpoints live under ``home() / "zoo"``, real models under ``home() / "models"``.
 
-    Example:
+    Examples:
         >>> home().is_absolute()
         True
     """

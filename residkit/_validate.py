@@ -32,7 +32,7 @@ def _int(name: str, value: Any) -> int:
 def non_negative_int(name: str, value: Any) -> int:
     """``value`` as an int ``>= 0``.
 
-    Example:
+    Examples:
         >>> non_negative_int("budget", -1)
         Traceback (most recent call last):
         ...
@@ -84,7 +84,7 @@ def check_energy(energy: Any) -> float:
     Typed ``Any`` on purpose: a string, ``None`` or ``True`` must reach this check and get a
     ValueError that names it, also when a run-time type checker wraps the callers.
 
-    Example:
+    Examples:
         >>> check_energy(1)
         1.0
     """
@@ -99,7 +99,7 @@ def check_energy(energy: Any) -> float:
 def check_positions(name: str, positions: Any) -> list[int]:
     """``positions`` as a list of ints (a TypeError names a float, a bool or a non-sequence).
 
-    Example:
+    Examples:
         >>> check_positions("positions", range(3))
         [0, 1, 2]
     """

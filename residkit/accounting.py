@@ -6,7 +6,7 @@ layer's K/V by its norm and two projections needs the residual *at that layer*, 
 costs ``d_model`` values per global layer, against ``2 * n_kv_heads * d_head`` for the K/V it
 replaces. These functions compute every accounting from a config, so the two can be compared.
 
-Example:
+Examples:
     >>> t = accounting_table()
     >>> int(t.set_index("model").loc["gemma-3-4b", "kv_all_layers"])
     139264
@@ -34,7 +34,7 @@ def per_token_bytes(
     ``residual_all_layers`` (a residual per token at every layer, sliding ones included),
     ``token_id`` (``checkpoint="token"``, int64).
 
-    Example:
+    Examples:
         >>> from residkit import zoo
         >>> b = per_token_bytes(zoo.config_for("gemma3", config="gemma-3-4b"))
         >>> b["kv_all_layers"], b["residual_one"]

@@ -11,7 +11,7 @@ The facts about the hooks were measured on TL 4.3 / transformers 5.23 (see
 bitwise where it fires; GPT-NeoX and Phi-3 compute rotary inside a fused-QKV bridge that
 fires no post-rotary key hook, so their row says ``key_hook=None``.
 
-Example:
+Examples:
     >>> from residkit.architectures import ARCH_TABLE
     >>> ARCH_TABLE["gemma3"].layer_types_field
     'layer_types'
@@ -45,7 +45,15 @@ SCOPES: tuple[Scope, ...] = ("global", "all")
 
 
 class UnsupportedArchitectureError(ValueError):
-    """The model's family has no row in :data:`ARCH_TABLE`."""
+    """The model's family has no row in :data:`ARCH_TABLE`.
+
+    Examples:
+        >>> from transformers import BertConfig
+        >>> spec_for(BertConfig())
+        Traceback (most recent call last):
+        ...
+        residkit.architectures.UnsupportedArchitectureError: residkit has no architecture facts for model_type 'bert'; ...
+    """
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,10 @@ class ArchSpec:
             :func:`residkit.patching_sweep`. Families whose attention and MLP read the same
             residual in parallel (GPT-NeoX) have no ``resid_mid``.
         notes: One line on what makes the family interesting here.
+
+    Examples:
+        >>> ARCH_TABLE["gemma3"].k_norm, ARCH_TABLE["gpt2"].position, ARCH_TABLE["gemma3"].norm_offset
+        ('per_head', 'absolute', 1.0)
     """
 
     family: str
@@ -124,7 +136,7 @@ class ArchSpec:
         Raises:
             ValueError: the family has no such point (the message lists the ones it has).
 
-        Example:
+        Examples:
             >>> ARCH_TABLE["llama"].patch_hook("attn_out", 3)
             'blocks.3.hook_attn_out'
         """
@@ -247,7 +259,12 @@ _ROWS = [
 ]
 
 ARCH_TABLE: dict[str, ArchSpec] = {row.family: row for row in _ROWS}
-"""Family name -> :class:`ArchSpec`."""
+"""Family name -> :class:`ArchSpec`: the one table of architecture facts.
+
+Examples:
+    >>> sorted(ARCH_TABLE)[:4], ARCH_TABLE["llama"].key_hook
+    (['gemma2', 'gemma3', 'gpt2', 'gpt_neox'], 'blocks.{layer}.attn.hook_rot_k')
+"""
 
 _BY_MODEL_TYPE = {mt: row for row in _ROWS for mt in row.model_types}
 
@@ -262,6 +279,11 @@ def spec_for(model: TransformerBridge | Any) -> ArchSpec:
 
     Raises:
         UnsupportedArchitectureError: the family has no row; the message lists the rows.
+
+    Examples:
+        >>> import residkit
+        >>> spec_for(residkit.load("zoo:qwen3")).family, spec_for(residkit.load("zoo:qwen3")).k_norm
+        ('qwen3', 'per_head')
     """
     config = getattr(model, "config", None)
     if is_bridge(model):

@@ -150,7 +150,7 @@ def capture_residuals(
         ValueError: empty prompt, ids outside the vocabulary, more tokens than the context,
             or a layer out of range.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> residkit.capture_residuals(model, "2 + 2 =").shape

@@ -87,6 +87,13 @@ class PolicyComparison:
     Attributes:
         rows: One dict per (policy, budget); see :attr:`table`.
         steps: One row per (policy, budget, prompt, step): ``match`` (bool) and ``kl``.
+
+    Examples:
+        >>> import residkit
+        >>> cmp = residkit.compare_policies(residkit.load("zoo:llama"), "abcdefgh", budgets=[2],
+        ...     policies=["kvdirect"], max_new_tokens=3, progress=False)
+        >>> cmp.table[["policy", "budget", "token_match", "mean_kl"]].values.tolist()
+        [['kvdirect', 2, 100.0, 0.0]]
     """
 
     rows: list[dict[str, object]]
@@ -213,7 +220,7 @@ def compare_policies(
             negative budget list, ``max_new_tokens < 1``, no prompts, or a policy's own
             ValueError for a budget it cannot take.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> from residkit.comparison import compare_policies
         >>> model = residkit.load("zoo:llama")
@@ -342,7 +349,7 @@ def kept_positions(
         One row per kept token: ``layer``, ``kv_head``, ``position`` (absolute). The tokens fed
         are the prompt plus ``max_new_tokens - 1`` (the last chosen token is not fed).
 
-    Example:
+    Examples:
         >>> import residkit
         >>> from residkit.policies.window import Window
         >>> model = residkit.load("zoo:llama")

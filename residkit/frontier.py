@@ -12,7 +12,7 @@ torch's operation counter and times a decoding step against the full cache.
 :func:`choose` is what ``KVDirect(memory_limit=...)`` uses: the cheapest plan whose bound on
 peak memory stays under the limit.
 
-Example:
+Examples:
     >>> import residkit
     >>> f = residkit.kvdirect_frontier(residkit.load("zoo:llama"), context=64, budget=8)
     >>> f.table.loc[f.table["plan"] == "full cache", "recompute_flops"].item()
@@ -114,6 +114,13 @@ def kvdirect_frontier(
         steps: Decoding steps timed per plan when measuring (the best is kept).
         name: Label for the figure.
         progress: Show a progress bar while measuring.
+
+    Examples:
+        >>> from residkit.zoo import config_for
+        >>> f = kvdirect_frontier(config_for("llama", config="smollm2-135m"), context=256, budget=16,
+        ...     progress=False)  # computed from the config alone: no weights are built
+        >>> f.table["plan"].tolist()[:3]
+        ['full cache', 'layer', 'stride 2']
     """
     from residkit._bridge import hf_config, is_bridge
     from residkit._validate import non_negative_int, positive_int

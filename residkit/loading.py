@@ -27,7 +27,16 @@ _PROBE_TIMEOUT_S = 5.0
 
 
 class ModelNotFoundError(OSError):
-    """The model is neither a local folder, nor in the HF cache, nor reachable on the hub."""
+    """The model is neither a local folder, nor in the HF cache, nor reachable on the hub.
+
+    Examples:
+        >>> import residkit
+        >>> try:
+        ...     residkit.load("no-such-org/no-such-model")
+        ... except ModelNotFoundError as err:
+        ...     print(type(err).__name__, "no-such-org/no-such-model" in str(err))
+        ModelNotFoundError True
+    """
 
 
 def _hint(name: str) -> str:
@@ -184,7 +193,7 @@ def load(
         ValueError: an empty name, or weights that do not match the config (missing,
             unexpected or mis-shaped tensors, listed).
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> model.cfg.n_layers

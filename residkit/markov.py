@@ -59,6 +59,14 @@ class MarkovReport:
         source_tokens, target_tokens: The token counts compared (after any alignment).
         align: ``None`` or how different lengths were aligned.
         model_name: Label of the model.
+
+    Examples:
+        >>> import residkit
+        >>> model = residkit.load("zoo:llama")
+        >>> report = residkit.markov_test(model, "1 + 1 = 2", "cats purr", align="right")
+        >>> row = report.table.iloc[0]
+        >>> int(row["layer"]), float(row["kl"]), bool(row["bitwise_equal"])
+        (0, 0.0, True)
     """
 
     rows: list[dict[str, object]]
@@ -144,7 +152,7 @@ def markov_test(
     Returns:
         A :class:`MarkovReport`; ``.passed`` is True only if every layer is bitwise equal.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> report = markov_test(model, "1 + 1 = 2", "cats purr")
@@ -233,7 +241,15 @@ def _kl(p: Tensor, log_p: Tensor, q_logits: Tensor) -> Tensor:
 
 @dataclass
 class CrossTaskReport:
-    """Result of :func:`cross_task_suite`: a tidy table over (source task, target task, layer)."""
+    """Result of :func:`cross_task_suite`: a tidy table over (source task, target task, layer).
+
+    Examples:
+        >>> import residkit
+        >>> model = residkit.load("zoo:llama")
+        >>> suite = cross_task_suite(model, tasks={"a": "1 + 1", "b": "cats!"}, progress=False)
+        >>> sorted(suite.reports), suite.passed
+        ([('a', 'b'), ('b', 'a')], True)
+    """
 
     reports: dict[tuple[str, str], MarkovReport] = field(default_factory=dict)
 
@@ -306,6 +322,13 @@ def cross_task_suite(
         layers: Residual layers to patch; default all.
         align: Alignment of different lengths, as in :func:`markov_test`.
         progress: Show a tqdm bar over pairs.
+
+    Examples:
+        >>> import residkit
+        >>> model = residkit.load("zoo:llama")
+        >>> suite = cross_task_suite(model, progress=False)  # 5 tasks: 20 ordered pairs
+        >>> suite.passed, len(suite.table) == 20 * (model.cfg.n_layers + 1)
+        (True, True)
     """
     tasks = TASKS if tasks is None else tasks
     if len(tasks) < 2:

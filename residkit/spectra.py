@@ -34,7 +34,7 @@ position), the standard QK circuit, and the one whose low rank would let a head'
 computed from a few directions of the residual. Random-init zoo weights give near-full-rank
 heads; the low, heterogeneous ranks the paper reports (layer 0 near rank 1) are learned.
 
-Example:
+Examples:
     >>> import residkit
     >>> from residkit.spectra import qk_spectra
     >>> spectra = qk_spectra(residkit.load("zoo:llama"))
@@ -103,6 +103,12 @@ class QKSpectra:
         rank_rtol: Singular values at most ``rank_rtol * sigma_max`` of their head count as
             zero in :meth:`effective_rank`: rounding noise, not directions.
         notes: Caveats about this result, in words.
+
+    Examples:
+        >>> import residkit
+        >>> spectra = residkit.qk_spectra(residkit.load("zoo:llama"))
+        >>> spectra.singular_values.shape, spectra.ranks(0.9).shape
+        (torch.Size([4, 4, 16]), torch.Size([4, 4]))
     """
 
     singular_values: Float[Tensor, "layer head d_head"]
@@ -184,7 +190,7 @@ class QKSpectra:
             ValueError: energy not a number in ``[0, 1]`` (NaN included), or an unknown
                 measure.
 
-        Example:
+        Examples:
             >>> import residkit
             >>> spectra = qk_spectra(residkit.load("zoo:llama"))
             >>> int(spectra.effective_rank(0.0)["rank"].max())
@@ -214,7 +220,7 @@ class QKSpectra:
             Columns ``layer, kv_head, n_query_heads, mean_rank, max_rank, min_rank,
             mean_rank_fraction``.
 
-        Example:
+        Examples:
             >>> import residkit
             >>> table = qk_spectra(residkit.load("zoo:llama")).per_kv_head()
             >>> table.shape, int(table["n_query_heads"].iloc[0])
@@ -307,7 +313,7 @@ def qk_spectra(
     Returns:
         A :class:`QKSpectra`.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> spectra = qk_spectra(residkit.load("zoo:olmo2"), fold_norm=True)
         >>> spectra.fold_norm, spectra.norm_folded

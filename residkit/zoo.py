@@ -10,7 +10,7 @@ computation, not of what the weights learned. Tiny models use ``initializer_rang
 attention is far from uniform; with HF's default 0.02 every head attends almost uniformly,
 and a bug that permutes or drops keys can go unnoticed.
 
-Example:
+Examples:
     >>> from residkit import zoo
     >>> path = zoo.build("llama", size="tiny")
     >>> (path / "model.safetensors").exists()
@@ -298,7 +298,7 @@ def build(
     Returns:
         The checkpoint folder.
 
-    Example:
+    Examples:
         >>> from residkit import zoo
         >>> zoo.build("gemma3", size="tiny").name
         'gemma3-tiny-s0'
@@ -358,7 +358,7 @@ def byte_tokenizer() -> Any:
     Like Llama's tokenizers it prepends its BOS itself, so HF's default tokenisation and
     residkit's agree.
 
-    Example:
+    Examples:
         >>> tok = byte_tokenizer()
         >>> tok("hi")["input_ids"]
         [256, 104, 105]

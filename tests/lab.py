@@ -121,8 +121,10 @@ class NotebookRun:
     unrun: int = 0
 
 
-def block_network(page: Any) -> None:
-    """Abort every request that does not go to this machine: a CDN script fails loudly."""
+def block_network(page: Any) -> list[str]:
+    """Abort every request that does not go to this machine: a CDN script fails loudly.
+    Returns the list the aborted URLs are appended to."""
+    blocked: list[str] = []
 
     def route(r: Any) -> None:
         url = r.request.url
@@ -130,9 +132,11 @@ def block_network(page: Any) -> None:
         if url.startswith(("file:", "data:", "blob:")) or host in ("127.0.0.1", "localhost"):
             r.continue_()
         else:
+            blocked.append(url)
             r.abort()
 
     page.route("**/*", route)
+    return blocked
 
 
 def run_notebook(page: Any, lab: Lab, name: str, timeout_s: float = 600) -> NotebookRun:

@@ -46,7 +46,7 @@ def hook_count(model: nn.Module) -> int:
     own on other modules at its first forward; those are not ours and are not counted. Tests
     compare this before and after every public call.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> before = hook_count(model)
@@ -116,7 +116,7 @@ def muted_hook_points(module: nn.Module) -> Iterator[None]:
 def point_names(model: Any, names: set[str] | list[str]) -> str:
     """Canonical hook names with the aliases the bridge also knows them by, for messages.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> point_names(residkit.load("zoo:llama"), ["blocks.1.attn.v.hook_out"])
         'blocks.1.attn.v.hook_out (also blocks.1.attn.hook_v)'

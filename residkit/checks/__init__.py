@@ -5,7 +5,7 @@ Each section is a module of this package with a function ``run(model, ctx) -> li
 section calls their public functions and turns the results into rows. The CLI runs every
 section and exits non-zero when an exactness claim fails.
 
-Example:
+Examples:
     >>> import residkit
     >>> model = residkit.load("zoo:llama")
     >>> report = residkit.verify(model, sections=["capture"], figures=False)
@@ -67,6 +67,12 @@ def verify(
 
     Raises:
         ValueError: an unknown section name (the message lists the known ones).
+
+    Examples:
+        >>> import residkit
+        >>> report = residkit.verify(residkit.load("zoo:llama"), sections=["markov"], figures=False)
+        >>> report.passed, report.table["section"].unique().tolist()
+        (True, ['markov'])
     """
     if sections is not None:
         unknown = sorted(set(sections) - set(SECTIONS))

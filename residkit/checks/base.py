@@ -126,7 +126,14 @@ class VerifyContext:
 
 @dataclass
 class VerifyReport:
-    """All checks of one ``verify`` run."""
+    """All checks of one ``verify`` run.
+
+    Examples:
+        >>> import residkit
+        >>> report = residkit.verify(residkit.load("zoo:llama"), sections=["capture"], figures=False)
+        >>> print(report.text().splitlines()[0])
+        PASS  capture: captured residuals == run_with_cache (bitwise, all layers)
+    """
 
     model: str
     checks: list[Check] = field(default_factory=list)

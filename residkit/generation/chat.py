@@ -68,13 +68,14 @@ class Chat:
     Raises:
         ValueError: ``chat_template=True`` but the tokenizer has no chat template.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> chat = Chat(model, residkit.KVDirect(budget=8))
         >>> reply = chat.send("Hello!", max_new_tokens=4)
         >>> reply = chat.send("And again?", max_new_tokens=4)
-        >>> len(chat.table), int(chat.table.iloc[-1]["active_kv_bytes"]) <= 8 * 4 * 2 * 2 * 16 * 4
+        >>> last = chat.table.iloc[-1]
+        >>> len(chat.table), int(last["active_kv_bytes"]) <= 8 * 4 * 2 * 2 * 16 * 4
         (2, True)
     """
 

@@ -75,6 +75,12 @@ class Generation:
         policy: The policy that was used.
         stats: Memory and timing.
         logits: ``[new, vocab]`` logits each new token was chosen from, if requested.
+
+    Examples:
+        >>> import residkit
+        >>> gen = residkit.generate(residkit.load("zoo:llama"), "abc", max_new_tokens=3, stop_at_eos=False)
+        >>> gen.tokens.shape, gen.stats.peak_active_kv_bytes > 0
+        (torch.Size([3]), True)
     """
 
     prompt_tokens: Int[Tensor, " pos"]
@@ -221,7 +227,7 @@ def generate_kvdirect(
     See :class:`residkit.policies.KVDirect` for the mechanism, the memory accounting and what
     happens to user hooks; :func:`generate` for the other arguments.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:gemma3")
         >>> gen = residkit.generate_kvdirect(model, "The residual", max_new_tokens=8, budget=4)
@@ -297,7 +303,9 @@ def generate(
         policy: A :class:`~residkit.policies.CachePolicy` or ``"full"`` / ``"none"``.
         cache: Deprecated name of ``policy`` (a DeprecationWarning; removed in 0.3).
         do_sample: Sample instead of greedy argmax.
-        temperature, top_k, top_p: Sampling filters (ignored when greedy).
+        temperature: Sampling temperature (ignored when greedy).
+        top_k: Sample among the ``top_k`` most likely tokens only (ignored when greedy).
+        top_p: Sample within the smallest set of probability ``top_p`` (ignored when greedy).
         seed: Seed of the sampler's own ``torch.Generator`` (same seed, same draws, whatever
             the policy).
         stop_at_eos: Stop after the tokenizer's EOS token.
@@ -316,7 +324,7 @@ def generate(
         BridgeContractError: the installed transformers / TransformerLens pair breaks an
             assumption residkit relies on (:mod:`residkit._bridge.contract` names it).
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:gpt2")
         >>> a = residkit.generate(model, "Once upon", max_new_tokens=8, policy="none")

@@ -80,7 +80,7 @@ def top_k_sorted(
 
     Ascending order keeps the kept keys in position order, as an uncompressed cache has them.
 
-    Example:
+    Examples:
         >>> top_k_sorted(torch.tensor([[[0.5, 0.1, 0.9, 0.3]]]), 2).tolist()
         [[[0, 2]]]
     """
@@ -93,7 +93,7 @@ def per_kv_head(
 ) -> Float[Tensor, "batch n_kv_heads q k"]:
     """Attention weights summed over the query heads that share each KV head (float64).
 
-    Example:
+    Examples:
         >>> per_kv_head(torch.ones(1, 4, 1, 3), n_kv_heads=2).shape  # heads 0-1 -> 0, 2-3 -> 1
         torch.Size([1, 2, 1, 3])
     """

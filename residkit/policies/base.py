@@ -141,7 +141,7 @@ class CacheSession(ABC):
 def chunked(tokens: Tensor, size: int | None) -> list[Tensor]:
     """``tokens`` ``[batch, pos]`` in pieces of at most ``size`` positions (whole if None).
 
-    Example:
+    Examples:
         >>> import torch
         >>> [c.shape[1] for c in chunked(torch.zeros(1, 10, dtype=torch.long), 4)]
         [4, 4, 2]
@@ -157,6 +157,12 @@ class CachePolicy(ABC):
 
     Subclasses are frozen dataclasses: their ``repr`` lists their settings, two equal
     policies compare equal, and a policy can be reused for any number of generations.
+
+    Examples:
+        >>> import residkit
+        >>> policy = residkit.KVDirect(budget=4)
+        >>> isinstance(policy, CachePolicy), policy == residkit.KVDirect(budget=4)
+        (True, True)
     """
 
     name: ClassVar[str] = "policy"

@@ -25,7 +25,7 @@ class ResidualCheckpoints:
     whenever ``s * d_model * 4`` bytes is a multiple of 64 (``residkit.projector.project_rows``
     copies a view that is not, before its GEMM).
 
-    Example:
+    Examples:
         >>> import torch
         >>> store = ResidualCheckpoints()
         >>> store.append(torch.ones(1, 8, 4)), store.append(torch.zeros(1, 1, 4))  # room for 9

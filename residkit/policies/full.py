@@ -38,7 +38,7 @@ class FullCache(CachePolicy):
             ``prefill_chunk``: a chunked prefill runs other GEMM shapes than a whole one, so
             its logits differ from a one-chunk prefill's in the last bits.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> residkit.generate(model, "ab", max_new_tokens=3, policy=FullCache()).tokens.shape

@@ -38,7 +38,7 @@ def h2o_keep(
 ) -> Int[Tensor, "batch n_kv_heads k"]:
     """Indices of the ``recent`` most recent tokens plus the top scores among the others.
 
-    Example:
+    Examples:
         >>> positions = torch.arange(6).view(1, 1, 6)
         >>> scores = torch.tensor([[[0.9, 0.1, 0.8, 0.2, 0.0, 0.0]]])
         >>> h2o_keep(positions, scores, budget=4, recent=2).tolist()  # heavy 0, 2; recent 4, 5
@@ -61,7 +61,7 @@ class H2O(EvictionPolicy):
         TypeError: ``budget`` or ``recent`` not an int.
         ValueError: negative budget or recent, or ``recent > budget``.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> from residkit.policies.h2o import H2O
         >>> model = residkit.load("zoo:llama")

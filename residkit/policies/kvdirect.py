@@ -314,7 +314,7 @@ class KVDirect(CachePolicy):
         TypeError: a non-int budget.
         ValueError: a negative budget, or an unknown checkpoint or mode.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> full = residkit.generate(model, "abcdefgh", max_new_tokens=6, return_logits=True)

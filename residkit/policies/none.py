@@ -37,7 +37,7 @@ class _NoCacheSession(CacheSession):
 class NoCache(CachePolicy):
     """Recompute everything from scratch every step, with no ``past_key_values``.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> full = residkit.generate(model, "ab", max_new_tokens=4, policy="full")

@@ -75,7 +75,7 @@ class Plan:
 def resolve(layers: Sequence[int], checkpoint: str, stride: int = 1, keep_top: int = 0) -> Plan:
     """The plan of a ``KVDirect(checkpoint=..., stride=..., keep_top=...)`` over ``layers``.
 
-    Example:
+    Examples:
         >>> resolve([0, 1, 2, 3, 4], "stride", stride=2, keep_top=0).actions
         ('checkpoint', 'rebuild', 'checkpoint', 'rebuild', 'checkpoint')
         >>> resolve([0, 1, 2, 3], "stride", stride=4, keep_top=1).actions

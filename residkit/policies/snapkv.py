@@ -55,7 +55,7 @@ def snapkv_keep(
     q, budget)`` queries vote; the ``budget - w`` prefix tokens with the highest pooled votes
     are kept, then the ``w`` window tokens.
 
-    Example:
+    Examples:
         >>> pattern = torch.zeros(1, 1, 2, 8)
         >>> pattern[..., 3] = 1.0  # the observation window votes for token 3
         >>> snapkv_keep(pattern, budget=3, window_size=2, kernel_size=1).tolist()
@@ -92,7 +92,7 @@ class SnapKV(EvictionPolicy):
         ValueError: a non-positive window, an even or non-positive kernel, an unknown
             pooling or decode rule, or a negative budget.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> from residkit.policies.snapkv import SnapKV
         >>> model = residkit.load("zoo:llama")

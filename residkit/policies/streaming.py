@@ -36,7 +36,7 @@ def streaming_keep(
 ) -> Int[Tensor, "batch n_kv_heads k"]:
     """Indices of the sink positions (``< n_sink``) and the most recent of the rest.
 
-    Example:
+    Examples:
         >>> positions = torch.arange(8).view(1, 1, 8)
         >>> positions.gather(-1, streaming_keep(positions, 4, n_sink=1)).tolist()
         [[[0, 5, 6, 7]]]
@@ -58,13 +58,14 @@ class StreamingLLM(EvictionPolicy):
         TypeError: ``budget`` or ``n_sink`` not an int.
         ValueError: ``budget`` or ``n_sink`` negative, or ``budget < n_sink``.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> from residkit.policies.streaming import StreamingLLM
         >>> model = residkit.load("zoo:llama")
         >>> session = StreamingLLM(6, n_sink=2).open(model)
         >>> _ = session.prefill(model.to_tokens("abcdefghij"))
-        >>> session.held_positions()[0][0, 0].tolist()
+        >>> held = session.held_positions()[0]
+        >>> held[0, 0].tolist()
         [0, 1, 7, 8, 9, 10]
     """
 

@@ -33,7 +33,7 @@ def tova_keep(
 ) -> Int[Tensor, "batch n_kv_heads k"]:
     """Indices of the ``budget`` tokens the last query row attends to most (head mean).
 
-    Example:
+    Examples:
         >>> import torch
         >>> pattern = torch.tensor([[[[0.1, 0.6, 0.3]], [[0.5, 0.1, 0.4]]]])  # 2 heads, 1 row
         >>> tova_keep(pattern, budget=2, n_kv_heads=1).tolist()  # means 0.3, 0.35, 0.35
@@ -51,7 +51,7 @@ class TOVA(EvictionPolicy):
     Args:
         budget: Tokens kept per global layer between forwards.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> from residkit.policies.tova import TOVA
         >>> model = residkit.load("zoo:llama")

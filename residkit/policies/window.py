@@ -32,7 +32,7 @@ def window_keep(
 ) -> Int[Tensor, "batch n_kv_heads k"]:
     """Indices of the ``budget`` most recent positions (all of them if fewer).
 
-    Example:
+    Examples:
         >>> import torch
         >>> window_keep(torch.tensor([[[0, 4, 5, 9]]]), 2).tolist()
         [[[2, 3]]]
@@ -47,7 +47,7 @@ class Window(EvictionPolicy):
     Args:
         budget: Tokens kept per global layer between forwards (>= 0).
 
-    Example:
+    Examples:
         >>> import residkit
         >>> from residkit.policies.window import Window
         >>> model = residkit.load("zoo:llama")

@@ -7,7 +7,7 @@ sentence) and whose ``.figure()`` is drawn like the paper's figure.
 
 Results are cached per claim on disk, so an interrupted run resumes where it stopped.
 
-Example:
+Examples:
     >>> from residkit.reproduction import CLAIMS
     >>> list(CLAIMS)
     ['markov', 'nocache', 'anatomy', 'chat', 'baselines', 'ranks', 'latency']
@@ -176,6 +176,13 @@ def reproduce(
 
     Raises:
         ValueError: an unknown claim id or an empty model list.
+
+    Examples:
+        >>> import residkit
+        >>> result = residkit.reproduce(["zoo:llama"], claims=["markov"], quick=True, cache=None,
+        ...     progress=False)
+        >>> result.table[["claim", "model"]].iloc[0].tolist()
+        ['markov', 'zoo:llama']
     """
     import residkit
 

@@ -18,7 +18,7 @@ def residual_norm_figure(
     Rows are residual layers ``0..n_layers`` (the last one is after the final block), so a
     reader sees where the stream grows and which positions (often BOS) carry large norms.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
         >>> fig = residual_norm_figure(residkit.capture_residuals(model, "hi"))

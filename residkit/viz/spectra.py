@@ -56,7 +56,7 @@ def rank_heatmap(spectra: QKSpectra, energy: Any = 0.9, *, measure: str = "sigma
     Raises:
         ValueError: bad energy or measure.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> from residkit.spectra import qk_spectra
         >>> fig = rank_heatmap(qk_spectra(residkit.load("zoo:llama")))
@@ -128,7 +128,7 @@ def spectrum(
         ValueError: layer or head out of range (the message gives the valid ranges), bad
             energy or measure.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> from residkit.spectra import qk_spectra
         >>> fig = spectrum(qk_spectra(residkit.load("zoo:llama")), 1, 2, energy=0.9)

@@ -207,7 +207,7 @@ def patching_explorer(
         ValueError: prompts of different token lengths, a string that is not one token, a
             bad ``top_k``.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> from residkit.widgets import patching_explorer
         >>> app = patching_explorer(residkit.load("zoo:llama"), "The cat", "The dog")

@@ -148,7 +148,7 @@ def rank_explorer(spectra: QKSpectra | dict[str, QKSpectra], *, energy: Any = 0.
     Raises:
         ValueError: an empty dict, a value that is not a QKSpectra, or a bad energy.
 
-    Example:
+    Examples:
         >>> import residkit
         >>> from residkit.spectra import qk_spectra
         >>> app = rank_explorer(qk_spectra(residkit.load("zoo:llama")))
