@@ -188,3 +188,16 @@ def test_site_works_offline_in_chromium(served: str, site: Path) -> None:
         page.screenshot(path=str(SHOTS / "docs-notebook-01.png"))
         browser.close()
     assert not blocked, f"the site reached for the network: {blocked[:3]}"
+
+
+def test_maths_hook() -> None:
+    """TeX outside code becomes MathML (inline inside a span); code is left alone."""
+    sys.path.insert(0, str(DOCS / "hooks"))
+    try:
+        import maths
+    finally:
+        sys.path.pop(0)
+    assert doctest.testmod(maths).failed == 0
+    html = maths.tex_to_mathml("is\n$x^2$. And `$y$` and\n\n$$z$$\n")
+    assert html.startswith("is\n<span><math") and "`$y$`" in html
+    assert '<math xmlns="http://www.w3.org/1998/Math/MathML" display="block">' in html
