@@ -68,6 +68,12 @@ def build(
             edit(Path(tmp) / "docs")
         argv = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config)]
         env = {**os.environ, "RESIDKIT_DOCS_SOURCE": str(source), "NO_MKDOCS_2_WARNING": "1"}
+        # nbconvert finds its templates under <prefix>/share/jupyter; in a virtualenv layered
+        # over another Python's packages they sit under the base prefix.
+        shares = [str(Path(p) / "share" / "jupyter") for p in (sys.prefix, sys.base_prefix)]
+        env["JUPYTER_PATH"] = os.pathsep.join(
+            [*filter(None, [os.environ.get("JUPYTER_PATH")]), *dict.fromkeys(shares)]
+        )
         return subprocess.run([*argv, "-d", str(site)], capture_output=True, text=True, env=env)
 
 
