@@ -46,3 +46,11 @@ def test_verify_report_is_one_self_contained_file(capsys, tmp_path) -> None:
     assert html.count('class="plotly-graph-div"') == 2 and 'src="http' not in html
     assert "transformer-lens" in html and "zoo:llama" in html
     assert sorted(p.name for p in figures.glob("*.html")) == ["markov.html", "residual_norms.html"]
+
+
+def test_verify_report_to_an_unwritable_place_exits_2(capsys, tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    args = ["verify", "--model", "zoo:llama", "--report", str(blocker / "r.html")]
+    assert cli.main(args) == 2
+    assert "cannot write the report" in capsys.readouterr().err

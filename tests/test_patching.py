@@ -145,6 +145,8 @@ def test_real_model_sweep_matches_transformer_lens() -> None:
         (lambda m: patching_sweep(m, "ab", "cd", _metric, positions=[3]), r"positions \[3\]"),
         (lambda m: patching_sweep(m, "ab", "cd", _metric, batch_size=0), "batch_size must"),
         (lambda m: patching_sweep(m, "ab", "cd", lambda x: x[0, -1]), "metric must return"),
+        (lambda m: patching_sweep(m, "", "", _metric), "empty"),
+        (lambda m: patching_sweep(m, ["ab", "cd"], ["ef", "gh"], _metric), "one prompt each"),
     ],
 )
 def test_bad_input(call, message, model_for, no_leaked_hooks) -> None:
@@ -161,6 +163,15 @@ def test_hooks_and_skips_removed_on_error(model_for, no_leaked_hooks) -> None:
     with failing_forward(model), no_leaked_hooks(model), pytest.raises(Boom):
         patching_sweep(model, "ab", "cd", _metric, hook="mlp_out", progress=False)
     assert all("forward" not in b.__dict__ for b in model.blocks)
+
+
+def test_sweep_on_an_unsupported_architecture(model_for, monkeypatch) -> None:
+    from residkit import architectures
+
+    model = model_for("llama")
+    monkeypatch.setattr(architectures, "_BY_MODEL_TYPE", {})
+    with pytest.raises(architectures.UnsupportedArchitectureError, match="no architecture facts"):
+        patching_sweep(model, "ab", "cd", _metric, progress=False)
 
 
 def test_import_and_cli_help_load_no_torch() -> None:
