@@ -67,11 +67,11 @@ def test_entry_without_docstring_fails_the_build(tmp_path: Path) -> None:
 
     def edit(docs: Path) -> None:
         page = docs / "reference.md"
-        page.write_text(page.read_text() + "\n::: residkit.patching._keep\n")
+        page.write_text(page.read_text() + "\n::: residkit.patching.sweep._keep\n")
 
     done = docs_build.build(tmp_path / "site", edit=edit)
     output = done.stdout + done.stderr
-    assert done.returncode != 0 and "residkit.patching._keep has no docstring" in output
+    assert done.returncode != 0 and "residkit.patching.sweep._keep has no docstring" in output
 
 
 def test_every_public_name_has_a_reference_entry_with_an_example() -> None:

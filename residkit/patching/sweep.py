@@ -1,16 +1,12 @@
-"""Residual patching: replace the residual stream before a block, and activation-patching sweeps.
-
-:func:`patch_residual` replaces the residual entering block ``l`` (all positions, or some).
-With every position replaced, the blocks below ``l`` cannot matter, so residkit does not run
-them (:func:`residkit._bridge.skipped_blocks`).
+"""Activation-patching sweeps: every (layer, position[, head]), batched.
 
 :func:`patching_sweep` is the usual activation-patching experiment: one clean activation
 (a residual, an attention or MLP output, one head's ``z``) patched into a corrupted run, for
-every (layer, position[, head]). It rests on the same fact. A patch at block ``l`` leaves the
-residual entering block ``l`` as the corrupted run had it, so every patched run starts there,
-from the cached corrupted residual, and blocks below ``l`` never run. The runs that patch the
-same layer differ only in which row they patch, so they go through one forward as a batch:
-the corrupted prompt repeated along the batch dimension, one patch per row.
+every (layer, position[, head]). A patch at block ``l`` leaves the residual entering block
+``l`` as the corrupted run had it, so every patched run starts there, from the cached
+corrupted residual, and blocks below ``l`` never run. The runs that patch the same layer
+differ only in which row they patch, so they go through one forward as a batch: the
+corrupted prompt repeated along the batch dimension, one patch per row.
 """
 
 from __future__ import annotations
@@ -30,13 +26,13 @@ from residkit._bridge import skipped_blocks, temporary_hooks
 from residkit._entry import entry
 from residkit._validate import check_positions
 from residkit.architectures import spec_for
-from residkit.capture import Inputs, capture_residuals, check_layer, to_tokens
+from residkit.capture import Inputs, capture_residuals, to_tokens
 
 if TYPE_CHECKING:
     import pandas as pd
     import plotly.graph_objects as go
 
-__all__ = ["HOOKS", "PatchingSweep", "patch_residual", "patched_logits", "patching_sweep"]
+__all__ = ["HOOKS", "PatchingSweep", "patched_logits", "patching_sweep"]
 
 HOOKS: tuple[str, ...] = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z")
 """The points :func:`patching_sweep` patches (``z``: one attention head's output, per head)."""
@@ -45,86 +41,6 @@ HOOKS: tuple[str, ...] = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z")
 # row), so the default batch keeps them near this bound whatever the model's vocabulary.
 _BATCH_BYTES = 384 * 2**20
 _MAX_BATCH = 64
-
-
-@entry
-@torch.no_grad()
-def patch_residual(
-    model: TransformerBridge,
-    inputs: Inputs,
-    residual: Float[Tensor, "batch pos d_model"],
-    *,
-    layer: int,
-    positions: Sequence[int] | None = None,
-) -> Float[Tensor, "batch pos vocab"]:
-    """Run ``inputs`` with the residual before block ``layer`` replaced by ``residual``.
-
-    Args:
-        model: A bridge from :func:`residkit.load`.
-        inputs: The prompt to run (its tokens fix the sequence length).
-        residual: Replacement residual, same ``[batch, pos]`` as the tokens of ``inputs``.
-        layer: ``0..n_layers``; ``n_layers`` patches the final residual (before the last norm).
-        positions: Patch only these positions; default all. With all positions the blocks
-            below ``layer`` are skipped, since their output is discarded.
-
-    Returns:
-        The logits of the patched run.
-
-    Raises:
-        ValueError: layer out of range, residual of the wrong shape, bad positions, empty prompt.
-
-    Examples:
-        >>> import residkit
-        >>> model = residkit.load("zoo:llama")
-        >>> src = residkit.capture_residuals(model, "abcd", layers=[2])[0]
-        >>> torch.equal(patch_residual(model, "wxyz", src, layer=2), model("abcd"))
-        True
-    """
-    layer = check_layer(model, layer)
-    tokens = to_tokens(model, inputs)
-    expected = (*tokens.shape, model.cfg.d_model)
-    if not isinstance(residual, Tensor) or not residual.is_floating_point():
-        raise TypeError(f"residual must be a float tensor, got {residual!r:.80}")
-    if residual.ndim == 2:
-        residual = residual.unsqueeze(0)
-    if tuple(residual.shape) != expected:
-        raise ValueError(
-            f"residual has shape {tuple(residual.shape)} but the inputs need "
-            f"[batch, pos, d_model] = {list(expected)}"
-        )
-    if positions is not None:
-        positions = check_positions("positions", positions)
-        bad = [p for p in positions if not -tokens.shape[1] <= p < tokens.shape[1]]
-        if not positions or bad:
-            raise ValueError(
-                f"positions {bad or positions} invalid for a prompt of {tokens.shape[1]} tokens"
-            )
-    return run_patched(model, tokens, residual, layer, positions)
-
-
-def run_patched(
-    model: TransformerBridge,
-    tokens: Tensor,
-    residual: Tensor,
-    layer: int,
-    positions: list[int] | None = None,
-) -> Tensor:
-    """:func:`patch_residual` after its checks (for callers that checked already)."""
-    replacement = residual.to(model.cfg.device)
-
-    def patch(act: Tensor, hook: object) -> Tensor:
-        if positions is None:
-            return replacement.to(act.dtype).clone()
-        out = act.clone()
-        out[:, positions] = replacement[:, positions].to(act.dtype)
-        return out
-
-    spec = spec_for(model)
-    with (
-        skipped_blocks(model, layer if positions is None else 0),
-        temporary_hooks(model, [(spec.resid_hook(layer, model.cfg.n_layers), patch)]),
-    ):
-        return model(tokens)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,19 @@
+"""Residual patching and activation-patching sweeps.
+
+- :mod:`~residkit.patching.residual`: the whole residual stream (or some positions of it)
+  replaced before one block; the blocks below do not run (:func:`patch_residual`).
+- :mod:`~residkit.patching.sweep`: activation patching at every (layer, position[, head]) and
+  hook point, batched (:func:`patching_sweep`, :func:`patched_logits`).
+"""
+
+from residkit.patching.residual import patch_residual, run_patched
+from residkit.patching.sweep import HOOKS, PatchingSweep, patched_logits, patching_sweep
+
+__all__ = [
+    "HOOKS",
+    "PatchingSweep",
+    "patch_residual",
+    "patched_logits",
+    "patching_sweep",
+    "run_patched",
+]
