@@ -19,7 +19,14 @@ from residkit._bridge import temporary_hooks
 from residkit._entry import entry
 from residkit.architectures import spec_for
 
-__all__ = ["Inputs", "capture_residuals", "check_layer", "check_layers", "to_tokens"]
+__all__ = [
+    "Inputs",
+    "capture_residuals",
+    "capture_with_logits",
+    "check_layer",
+    "check_layers",
+    "to_tokens",
+]
 
 Inputs = str | Sequence[str] | Tensor
 """A prompt, a list of prompts, or token ids ``[batch, pos]`` / ``[pos]``."""
@@ -168,3 +175,19 @@ def capture_residuals(
     with temporary_hooks(model, hooks):
         model(tokens, return_type=None)
     return torch.stack([store[layer] for layer in wanted])
+
+
+def capture_with_logits(
+    model: TransformerBridge, tokens: Tensor, layers: list[int]
+) -> tuple[Tensor, Tensor]:
+    """The residuals at ``layers`` (stacked) and the logits, from one forward."""
+    spec, n = spec_for(model), model.cfg.n_layers
+    store: dict[int, Tensor] = {}
+
+    def keep(layer: int, act: Tensor, hook: object) -> None:
+        store[layer] = act.detach().clone()
+
+    hooks = [(spec.resid_hook(layer, n), partial(keep, layer)) for layer in sorted(set(layers))]
+    with temporary_hooks(model, hooks):
+        logits = model(tokens)
+    return torch.stack([store[layer] for layer in layers]), logits

@@ -8,16 +8,28 @@ layer and reports KL(source || patched) in float64, which is exactly ``0.0`` whe
 are bitwise equal. Patching only some positions breaks it (the others still carry the target),
 which is the negative control.
 
+What is compared. The output distribution is the head (final norm, unembedding, softmax)
+applied to the final residual, so a patched run whose final residual is bitwise the source's
+has the source's logits, bit for bit, provided the head computes the same bits from the same
+input. The test at the final layer is exactly that: the source's final residual run through
+the head once more, compared with the source's logits. With ``compare="final_residual"`` (the
+default) every other layer's run stops at the final norm and its residual is compared; only
+where it differs is the head run (the row's KL is then computed from real logits). With
+``compare="logits"`` every patched run computes its logits and they are compared. Each row's
+``compared`` column says which.
+
 Cost: a full-position patch at layer ``l`` makes blocks ``0..l-1`` irrelevant, so residkit
 does not run them. A full :func:`markov_test` over ``L`` layers runs two full forwards (the
 source, captured and scored in one run; the unpatched target, the control) and ``L + 1``
-patched runs of ``L - l`` blocks each: about ``(L + 1) / 2 + 2`` forwards, not ``L + 3``.
+patched runs of ``L - l`` blocks each: ``(L + 1) / 2 + 2`` forwards' worth of blocks. The head
+runs three times by default (source, target, final layer), ``L + 3`` times with
+``compare="logits"``: on a large vocabulary it costs several blocks (8 of SmolLM2-135M's 30
+blocks' FLOPs, about 17 of Gemma 3 270M's 18), which is why the default compares residuals.
 """
 
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal
 
 import pandas as pd
@@ -29,16 +41,24 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._bridge import temporary_hooks
 from residkit._entry import entry
 from residkit._validate import choice
 from residkit.architectures import spec_for
-from residkit.capture import Inputs, check_layers, to_tokens
-from residkit.patching import run_patched
+from residkit.capture import Inputs, capture_with_logits, check_layers, to_tokens
+from residkit.patching import run_patched, run_patched_to_final
 
-__all__ = ["TASKS", "Align", "CrossTaskReport", "MarkovReport", "cross_task_suite", "markov_test"]
+__all__ = [
+    "TASKS",
+    "Align",
+    "Compare",
+    "CrossTaskReport",
+    "MarkovReport",
+    "cross_task_suite",
+    "markov_test",
+]
 
 Align = Literal["left", "right"]
+Compare = Literal["final_residual", "logits"]
 
 TASKS: dict[str, str] = {
     "arithmetic": "Compute: 47 + 38 = 85. 19 * 3 = 57. 64 - 29 =",
@@ -55,10 +75,16 @@ class MarkovReport:
     """Result of :func:`markov_test`: one row per patched layer.
 
     Attributes:
-        rows: Per layer: kl, max_abs_dlogit, bitwise_equal, control_kl.
+        rows: Per layer: kl, max_abs_dlogit, bitwise_equal (the patched run's logits are the
+            source's, bit for bit), compared (``"final residual"``: the run's final residual
+            was bitwise the source's, and the head reproduces the source's logits from it;
+            ``"logits"``: the run's logits were computed and compared), control_kl.
         source_tokens, target_tokens: The token counts compared (after any alignment).
         align: ``None`` or how different lengths were aligned.
         model_name: Label of the model.
+        head_reproduces: The head (final norm, unembedding) run on the source's final residual
+            gave the source's logits bit for bit. Where it does not, no row rests on a
+            residual comparison: every layer's logits are computed.
 
     Examples:
         >>> import residkit
@@ -74,6 +100,7 @@ class MarkovReport:
     target_tokens: int
     align: Align | None = None
     model_name: str = ""
+    head_reproduces: bool = True
 
     @property
     def passed(self) -> bool:
@@ -90,7 +117,7 @@ class MarkovReport:
 
     @property
     def table(self) -> pd.DataFrame:
-        """Columns: layer, kl, max_abs_dlogit, bitwise_equal, control_kl, align."""
+        """Columns: layer, kl, max_abs_dlogit, bitwise_equal, compared, control_kl, align."""
         df = pd.DataFrame(self.rows)
         df["align"] = self.align or "none (equal lengths)"
         return df
@@ -137,6 +164,7 @@ def markov_test(
     *,
     layers: Sequence[int] | None = None,
     align: Align | None = None,
+    compare: Compare = "final_residual",
 ) -> MarkovReport:
     """Patch ``source``'s residual into ``target`` at each layer; compare with ``source``.
 
@@ -148,9 +176,18 @@ def markov_test(
         align: How to handle different token lengths: ``None`` raises, ``"left"`` keeps the
             first ``k`` tokens of both, ``"right"`` the last ``k`` (``k`` the shorter length).
             The truncated source is then its own reference.
+        compare: ``"final_residual"``: each patched run stops at the final norm and its
+            residual is compared with the source's bit for bit; the head runs on the source's
+            final residual once (it must reproduce the source's logits) and on any run whose
+            residual differs. ``"logits"``: every patched run computes its logits (one
+            unembedding per layer) and they are compared.
 
     Returns:
         A :class:`MarkovReport`; ``.passed`` is True only if every layer is bitwise equal.
+
+    Raises:
+        ValueError: different lengths without ``align``, identical prompts, a layer out of
+            range, an empty prompt, or an unknown ``align`` / ``compare``.
 
     Examples:
         >>> import residkit
@@ -158,6 +195,8 @@ def markov_test(
         >>> report = markov_test(model, "1 + 1 = 2", "cats purr")
         >>> report.passed, float(report.table["kl"].max())
         (True, 0.0)
+        >>> report.table["compared"].iloc[[0, -1]].tolist()
+        ['final residual', 'logits']
         >>> markov_test(model, "1 + 1 = 2", "cats")
         Traceback (most recent call last):
         ...
@@ -165,14 +204,18 @@ def markov_test(
     """
     if align is not None:
         choice("align", align, ("left", "right"))
+    choice("compare", compare, ("final_residual", "logits"))
     wanted = check_layers(model, layers)
     src, tgt = _align(to_tokens(model, source), to_tokens(model, target), align)
     if src.shape[0] != 1 or tgt.shape[0] != 1:
         raise ValueError("markov_test compares one source prompt with one target prompt")
     if torch.equal(src, tgt):
         raise ValueError("source and target are the same tokens; the test would show nothing")
-    src_resid, src_logits = capture_with_logits(model, src, wanted)
-    report = _patched_rows(model, src, tgt, wanted, src_resid, src_logits, model(tgt))
+    n = model.cfg.n_layers
+    captured = sorted({*wanted, n})
+    resid, src_logits = capture_with_logits(model, src, captured)
+    src_resid = {layer: resid[i] for i, layer in enumerate(captured)}
+    report = _patched_rows(model, src, tgt, wanted, src_resid, src_logits, model(tgt), compare)
     if to_tokens(model, source).shape != to_tokens(model, target).shape:
         report.align = align
     return report
@@ -183,30 +226,49 @@ def _patched_rows(
     src: Tensor,
     tgt: Tensor,
     wanted: list[int],
-    src_resid: Tensor,
+    src_resid: dict[int, Tensor],
     src_logits: Tensor,
     tgt_logits: Tensor,
+    compare: Compare = "final_residual",
 ) -> MarkovReport:
-    """The test proper, from the source's residuals and logits and the target's logits
-    (``residkit verify`` passes the ones its other sections computed)."""
-    # log-softmax of the source once, in float64; each layer then costs one patched run
-    # (blocks >= layer only) and one log-softmax of its logits.
+    """The test proper, from the source's residuals (``{layer: [1, pos, d_model]}``, the final
+    one included) and logits and the target's logits (``residkit verify`` passes the ones its
+    other sections computed)."""
+    n = model.cfg.n_layers
+    # log-softmax of the source once, in float64; a layer's KL needs only its own log-softmax.
     log_p = torch.log_softmax(src_logits.double(), dim=-1)
     p = log_p.exp()
     control = _kl(p, log_p, tgt_logits).max().item()
+    # The head on the source's own final residual: the final layer's test, and what lets a
+    # bitwise-equal final residual stand for bitwise-equal logits.
+    head = run_patched(model, tgt, src_resid[n], n)
+    head_equal = torch.equal(head, src_logits)
     rows: list[dict[str, object]] = []
-    for i, layer in enumerate(wanted):
-        patched = run_patched(model, tgt, src_resid[i], layer)
-        equal = torch.equal(patched, src_logits)
+    for layer in wanted:
+        if layer == n:
+            patched: Tensor | None = head
+        elif compare == "logits" or not head_equal:
+            patched = run_patched(model, tgt, src_resid[layer], layer)
+        else:
+            final = run_patched_to_final(model, tgt, src_resid[layer], layer)
+            # Differing residuals go through the head too, so the row's KL is measured.
+            same = torch.equal(final, src_resid[n])
+            patched = None if same else run_patched(model, tgt, final, n)
+        # Bitwise-equal logits give bitwise-equal log-softmaxes, whose difference is 0.0 in
+        # every term: the float64 KL would return exactly 0.0, and the largest logit
+        # difference is 0.0 by definition.
+        kl = dlogit = 0.0
+        equal = patched is None or torch.equal(patched, src_logits)
+        if patched is not None and not equal:
+            kl = _kl(p, log_p, patched).max().item()
+            dlogit = (patched - src_logits).abs().max().item()
         rows.append(
             {
                 "layer": layer,
-                # Bitwise-equal logits give bitwise-equal log-softmaxes, whose difference is
-                # 0.0 in every term: the float64 KL below would return exactly 0.0, and the
-                # largest logit difference is 0.0 by definition.
-                "kl": 0.0 if equal else _kl(p, log_p, patched).max().item(),
-                "max_abs_dlogit": 0.0 if equal else (patched - src_logits).abs().max().item(),
+                "kl": kl,
+                "max_abs_dlogit": dlogit,
                 "bitwise_equal": equal,
+                "compared": "final residual" if patched is None else "logits",
                 "control_kl": control,
             }
         )
@@ -215,23 +277,8 @@ def _patched_rows(
         source_tokens=src.shape[1],
         target_tokens=tgt.shape[1],
         model_name=spec_for(model).family,
+        head_reproduces=head_equal,
     )
-
-
-def capture_with_logits(
-    model: TransformerBridge, tokens: Tensor, layers: list[int]
-) -> tuple[Tensor, Tensor]:
-    """The residuals at ``layers`` (stacked) and the logits, from one forward."""
-    spec, n = spec_for(model), model.cfg.n_layers
-    store: dict[int, Tensor] = {}
-
-    def keep(layer: int, act: Tensor, hook: object) -> None:
-        store[layer] = act.detach().clone()
-
-    hooks = [(spec.resid_hook(layer, n), partial(keep, layer)) for layer in sorted(set(layers))]
-    with temporary_hooks(model, hooks):
-        logits = model(tokens)
-    return torch.stack([store[layer] for layer in layers]), logits
 
 
 def _kl(p: Tensor, log_p: Tensor, q_logits: Tensor) -> Tensor:
@@ -308,6 +355,7 @@ def cross_task_suite(
     tasks: dict[str, str] | None = None,
     layers: Sequence[int] | None = None,
     align: Align = "right",
+    compare: Compare = "final_residual",
     progress: bool = True,
 ) -> CrossTaskReport:
     """:func:`markov_test` for every ordered pair of different tasks, at every layer.
@@ -321,6 +369,7 @@ def cross_task_suite(
         tasks: ``{name: prompt}``; default :data:`TASKS` (5 task families).
         layers: Residual layers to patch; default all.
         align: Alignment of different lengths, as in :func:`markov_test`.
+        compare: What each patched run is compared by, as in :func:`markov_test`.
         progress: Show a tqdm bar over pairs.
 
     Examples:
@@ -337,6 +386,6 @@ def cross_task_suite(
     out = CrossTaskReport()
     for src, tgt in tqdm(pairs, desc="cross-task pairs", disable=not progress):
         out.reports[(src, tgt)] = markov_test(
-            model, tasks[src], tasks[tgt], layers=layers, align=align
+            model, tasks[src], tasks[tgt], layers=layers, align=align, compare=compare
         )
     return out

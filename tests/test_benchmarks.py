@@ -95,6 +95,7 @@ def test_patching_benchmark_runs() -> None:
 
 
 def test_startup_benchmark_runs() -> None:
-    out = _run("startup.py", "--model", "zoo:llama", "--tokens", "16", codes=(0, 1))
+    out = _run("startup.py", "--model", "zoo:llama", "--tokens", "16", "--runs", "1", codes=(0, 1))
     assert "import residkit:" in out and "forward-equivalents" in out
+    assert "compare='final_residual'" in out and "compare='logits'" in out
     assert "verify checks:" in out and "(passed: True)" in out

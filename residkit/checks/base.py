@@ -86,8 +86,8 @@ class VerifyContext:
     def shared(self, model: TransformerBridge) -> Shared:
         """The :class:`Shared` runs, made on first use."""
         if self._shared is None:
+            from residkit.capture import capture_with_logits
             from residkit.generation import generate
-            from residkit.markov import capture_with_logits
 
             n = model.cfg.n_layers
             source, second = (model.to_tokens(p) for p in self.prompts)

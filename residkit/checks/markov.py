@@ -20,7 +20,7 @@ def run(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
             shared.source,
             shared.target,
             layers,
-            shared.resid,
+            {layer: shared.resid[layer] for layer in layers},
             shared.logits,
             shared.target_logits,
         )
@@ -30,7 +30,8 @@ def run(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
         Check(
             "markov",
             "patched logits == source logits, every layer (KL = 0.0)",
-            f"{int(table['bitwise_equal'].sum())}/{len(table)} layers bitwise, "
+            f"{int(table['bitwise_equal'].sum())}/{len(table)} layers bitwise "
+            f"({int((table['compared'] == 'final residual').sum())} by their final residual), "
             f"max KL {table['kl'].max():.3g}",
             report.passed,
             ctx.save(report.figure(), "markov"),

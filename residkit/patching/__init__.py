@@ -6,7 +6,7 @@
   hook point, batched (:func:`patching_sweep`, :func:`patched_logits`).
 """
 
-from residkit.patching.residual import patch_residual, run_patched
+from residkit.patching.residual import patch_residual, run_patched, run_patched_to_final
 from residkit.patching.sweep import HOOKS, PatchingSweep, patched_logits, patching_sweep
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "patched_logits",
     "patching_sweep",
     "run_patched",
+    "run_patched_to_final",
 ]

@@ -2,7 +2,8 @@
 
 :func:`patch_residual` replaces the residual entering block ``l`` (all positions, or some).
 With every position replaced, the blocks below ``l`` cannot matter, so residkit does not run
-them (:func:`residkit._bridge.skipped_blocks`).
+them (:func:`residkit._bridge.skipped_blocks`). :func:`run_patched_to_final` stops such a run
+at the final norm, for callers that compare final residuals (:func:`residkit.markov_test`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from residkit._validate import check_positions
 from residkit.architectures import spec_for
 from residkit.capture import Inputs, check_layer, to_tokens
 
-__all__ = ["patch_residual", "run_patched"]
+__all__ = ["patch_residual", "run_patched", "run_patched_to_final"]
 
 
 @entry
@@ -101,3 +102,37 @@ def run_patched(
         temporary_hooks(model, [(spec.resid_hook(layer, model.cfg.n_layers), patch)]),
     ):
         return model(tokens)
+
+
+class _FinalResidual(Exception):
+    """The patched run has reached the final norm: its residual is all the caller wants."""
+
+    def __init__(self, resid: Tensor) -> None:
+        super().__init__()
+        self.resid = resid
+
+
+def run_patched_to_final(
+    model: TransformerBridge, tokens: Tensor, residual: Tensor, layer: int
+) -> Float[Tensor, "batch pos d_model"]:
+    """The final residual (entering the last norm) of ``tokens`` with the residual before
+    block ``layer`` replaced whole; blocks below ``layer`` and the head (final norm and
+    unembedding) do not run."""
+    spec, n = spec_for(model), model.cfg.n_layers
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} has no blocks above it to run (0 <= layer < {n})")
+    replacement = residual.to(model.cfg.device)
+
+    def patch(act: Tensor, hook: object) -> Tensor:
+        return replacement.to(act.dtype).clone()
+
+    def stop(act: Tensor, hook: object) -> None:
+        raise _FinalResidual(act.detach())
+
+    hooks = [(spec.resid_hook(layer, n), patch), (spec.final_resid_hook, stop)]
+    try:
+        with skipped_blocks(model, layer), temporary_hooks(model, hooks):
+            model(tokens)
+    except _FinalResidual as done:
+        return done.resid
+    raise RuntimeError(f"the forward never reached {spec.final_resid_hook!r}")
