@@ -10,7 +10,7 @@ from transformer_lens import patching as tl_patching
 
 import residkit
 from residkit.patching import HOOKS, PatchingSweep, patch_residual, patching_sweep
-from tests.conftest import Boom, failing_forward, get_real
+from tests.conftest import Boom, failing_forward, get_real, raises_naming
 
 TL = {
     "resid_pre": tl_patching.get_act_patch_resid_pre,
@@ -49,11 +49,20 @@ def llama_pair(model_for):
 def test_sweep_matches_transformer_lens(hook, llama_pair) -> None:
     model, clean, corrupted, clean_cache = llama_pair
     ref = TL[hook](model, corrupted, clean_cache, _metric).cpu()
-    one = patching_sweep(model, clean, corrupted, _metric, hook=hook, batch_size=1, progress=False)
+    one = patching_sweep(
+        model,
+        clean,
+        corrupted,
+        _metric,
+        hook=hook,
+        batch_size=1,
+        reuse_prefix=False,
+        progress=False,
+    )
     batched = patching_sweep(model, clean, corrupted, _metric, hook=hook, progress=False)
     assert one.values.shape == batched.values.shape == ref.shape
     assert batched.batch_size > 1
-    # One run per forward from the cached residual: the same GEMMs as TL's full runs, so equal.
+    # One whole run per forward from the cached residual: TL's GEMMs, so equal.
     assert torch.equal(one.values, ref)
     assert (batched.values - ref).abs().max().item() <= TOLERANCE * ref.abs().max().item()
     assert ref.abs().max().item() > 0
@@ -64,17 +73,20 @@ def test_sweep_matches_transformer_lens(hook, llama_pair) -> None:
 def test_sweep_skips_blocks_and_batches(llama_pair) -> None:
     model, clean, corrupted, _ = llama_pair
     n, n_pos = model.cfg.n_layers, clean.shape[1]
-    sweep = patching_sweep(model, clean, corrupted, _metric, batch_size=3, progress=False)
+    sweep = patching_sweep(
+        model, clean, corrupted, _metric, batch_size=3, reuse_prefix=False, progress=False
+    )
     chunks = -(-n_pos // 3)
     assert sweep.n_forwards == 2 + n * chunks
     # Patches at layer l run blocks l..n-1 only: sum over layers of (n - l) per patched run.
     assert sweep.block_runs == n_pos * n * (n + 1) // 2
+    assert sweep.block_positions == sweep.block_runs * n_pos and sweep.batch_size == 3
 
 
 def test_sweep_result_table_and_figure(llama_pair) -> None:
     model, clean, corrupted, _ = llama_pair
     sweep = patching_sweep(
-        model, clean, corrupted, _metric, hook="z", positions=[1, 3], progress=False
+        model, clean, corrupted, _metric, hook="z", positions=[5, 7], progress=False
     )
     assert isinstance(sweep, PatchingSweep)
     n, heads = model.cfg.n_layers, model.cfg.n_heads
@@ -82,14 +94,22 @@ def test_sweep_result_table_and_figure(llama_pair) -> None:
     table = sweep.table
     assert isinstance(table, pd.DataFrame) and len(table) == n * 2 * heads
     assert table.columns.tolist() == ["layer", "pos", "token", "head", "value"]
-    assert sorted(set(table["pos"])) == [1, 3]
+    assert sorted(set(table["pos"])) == [5, 7]
     fig = sweep.figure()
     assert fig.data[0].z.shape == (n * heads, 2)
     assert list(fig.data[0].x) == [
-        f"{p}: {t!r}" for p, t in zip([1, 3], sweep.str_tokens, strict=True)
+        f"{p}: {t!r}" for p, t in zip([5, 7], sweep.str_tokens, strict=True)
     ]
-    full = patching_sweep(model, clean, corrupted, _metric, hook="z", progress=False)
-    assert torch.equal(sweep.values, full.values[:, [1, 3]])
+    # Positions 5 and 7 differ between the prompts ("c"/"d", "t"/"g"), so patching them moves
+    # the metric. Whole runs one at a time are the same computations whatever else is swept: the subset
+    # is exactly the full sweep's columns. The default plan groups them otherwise (rounding).
+    exact = {"hook": "z", "batch_size": 1, "reuse_prefix": False, "progress": False}
+    some = patching_sweep(model, clean, corrupted, _metric, positions=[5, 7], **exact)
+    full = patching_sweep(model, clean, corrupted, _metric, **exact)
+    assert torch.equal(some.values, full.values[:, [5, 7]])
+    assert not torch.equal(some.values, full.values[:, [6, 7]])  # control: one column off
+    scale = some.values.abs().max().item()
+    assert (sweep.values - some.values).abs().max().item() <= TOLERANCE * scale
 
 
 def test_no_resid_mid_on_parallel_blocks(model_for, no_leaked_hooks) -> None:
@@ -115,14 +135,21 @@ def test_real_model_sweep_matches_transformer_lens() -> None:
     ref = tl_patching.generic_activation_patch(
         model, corrupted, clean_cache, metric, setter, "attn_out", index_df=cells
     )
-    for batch_size in (1, None):
+    for batch_size, reuse_prefix in ((1, False), (None, True)):
         sweep = patching_sweep(
-            model, clean, corrupted, metric, hook="attn_out", batch_size=batch_size, progress=False
+            model,
+            clean,
+            corrupted,
+            metric,
+            hook="attn_out",
+            batch_size=batch_size,
+            reuse_prefix=reuse_prefix,
+            progress=False,
         )
         ours = torch.stack([sweep.values[r.layer, r.pos] for r in cells.itertuples()])
         scale = sweep.values.abs().max().item()
         assert scale > 1.0  # swapping the names moves the logit difference
-        if batch_size == 1:
+        if not reuse_prefix:
             assert torch.equal(ours, ref.cpu())
         else:
             assert (ours - ref.cpu()).abs().max().item() <= TOLERANCE * scale
@@ -155,6 +182,12 @@ def test_bad_input(call, message, model_for, no_leaked_hooks) -> None:
         call(model)
 
 
+def test_reuse_prefix_must_be_a_bool(model_for, no_leaked_hooks) -> None:
+    model = model_for("llama")
+    with no_leaked_hooks(model), raises_naming("reuse_prefix", "yes"):
+        patching_sweep(model, "ab", "cd", _metric, reuse_prefix="yes")
+
+
 def test_hooks_and_skips_removed_on_error(model_for, no_leaked_hooks) -> None:
     model = model_for("llama")
     resid = torch.zeros(1, 3, 64)
@@ -163,6 +196,27 @@ def test_hooks_and_skips_removed_on_error(model_for, no_leaked_hooks) -> None:
     with failing_forward(model), no_leaked_hooks(model), pytest.raises(Boom):
         patching_sweep(model, "ab", "cd", _metric, hook="mlp_out", progress=False)
     assert all("forward" not in b.__dict__ for b in model.blocks)
+
+
+def test_overrides_removed_when_a_batched_forward_fails(model_for, no_leaked_hooks) -> None:
+    """A failure inside a forward of patched runs (head override, skipped blocks, a continued
+    cache all in place): everything residkit added is gone, and the next sweep is right."""
+    model = model_for("llama")
+    clean, corrupted = "The cat sat on the mat", "The dog ran on the rug"
+    before = patching_sweep(model, clean, corrupted, _metric, progress=False).values
+
+    def fail_in_batches(act: torch.Tensor, hook: object) -> None:
+        if act.shape[0] > 1:
+            raise Boom("a batched forward failed")
+
+    failing = model.hooks(fwd_hooks=[("blocks.3.hook_resid_pre", fail_in_batches)])
+    with no_leaked_hooks(model), pytest.raises(Boom), failing:
+        patching_sweep(model, clean, corrupted, _metric, progress=False)
+    assert "forward" not in model.unembed.__dict__
+    assert all("forward" not in b.__dict__ for b in model.blocks)
+    assert torch.equal(
+        patching_sweep(model, clean, corrupted, _metric, progress=False).values, before
+    )
 
 
 def test_sweep_on_an_unsupported_architecture(model_for, monkeypatch) -> None:

@@ -24,6 +24,7 @@ from residkit._bridge.cache import (
     layer_kv,
     nbytes,
     new_cache,
+    repeated_cache,
 )
 from residkit._bridge.hooks import (
     edit_watch,
@@ -40,6 +41,7 @@ from residkit._bridge.model import (
     attn_norm,
     clear_pre_norm_capture,
     generation_config,
+    head_at,
     hf_config,
     hf_model,
     is_bridge,
@@ -62,6 +64,7 @@ __all__ = [
     "clear_pre_norm_capture",
     "edit_watch",
     "generation_config",
+    "head_at",
     "hf_config",
     "hf_model",
     "hook_count",
@@ -81,6 +84,7 @@ __all__ = [
     "new_cache",
     "norms_folded",
     "point_names",
+    "repeated_cache",
     "replaced_forward",
     "replay_kv",
     "set_tokenizer",

@@ -15,6 +15,7 @@ on the model.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,12 +39,21 @@ __all__ = [
     "layer_kv",
     "nbytes",
     "new_cache",
+    "repeated_cache",
 ]
 
 
 def new_cache(model: Any) -> DynamicCache:
     """An empty ``DynamicCache`` laid out for the model (sliding layers where it has them)."""
     return DynamicCache(config=model.original_model.config)
+
+
+def repeated_cache(cache: DynamicCache, rows: int) -> DynamicCache:
+    """A copy of ``cache`` holding its K/V ``rows`` times over along the batch (``cache`` is
+    left as it was): ``rows`` forwards that continue the same prefix, as one batch."""
+    out = copy.deepcopy(cache)
+    out.batch_repeat_interleave(rows)
+    return out
 
 
 def install(cache: DynamicCache, layer: int, cache_layer: CacheLayer) -> None:

@@ -22,7 +22,14 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge.cache import CacheLayer, cached_forward, install, layer_kv, new_cache
 from residkit._bridge.hooks import hook_count, hook_points, muted
-from residkit._bridge.model import attn_norm, hf_config, linear, n_kv_heads, skipped_blocks
+from residkit._bridge.model import (
+    attn_norm,
+    head_at,
+    hf_config,
+    linear,
+    n_kv_heads,
+    skipped_blocks,
+)
 from residkit.architectures import ArchSpec, spec_for
 
 __all__ = ["CONTRACT", "Assumption", "BridgeContractError", "check_contract"]
@@ -201,6 +208,23 @@ def _pattern_hook(model: TransformerBridge, spec: ArchSpec) -> None:
     assert shapes == [(1, model.cfg.n_heads, 3, 3)], f"{name} gave shapes {shapes}"
 
 
+def _head_at_positions(model: TransformerBridge, spec: ArchSpec) -> None:
+    tokens = _tokens(model, 4).repeat(2, 1)
+    tokens[1] = tokens[1].flip(0)
+    full = model(tokens)
+    keep = torch.tensor([1, 3, 6, 7], device=tokens.device)  # row 0: 1, 3; row 1: 2, 3
+    with head_at(model, keep):
+        some = model(tokens)
+    assert "forward" not in model.unembed.__dict__, "the unembedding's override was not removed"
+    want = full.reshape(-1, full.shape[-1])[keep].unsqueeze(0)
+    assert some.shape == want.shape, f"logits of shape {tuple(some.shape)}, not {tuple(want.shape)}"
+    # Another GEMM shape may round differently: the same logits up to float32 rounding.
+    scale = want.abs().max().item()
+    assert torch.allclose(some, want, rtol=1e-5, atol=1e-5 * scale), (
+        "the unembedding run at some positions gave other logits than the full forward there"
+    )
+
+
 CONTRACT: tuple[Assumption, ...] = (
     Assumption(
         "hook-names",
@@ -240,6 +264,13 @@ CONTRACT: tuple[Assumption, ...] = (
         "calling the attention bridge with a cache that raises in update() yields the K/V "
         "the model itself stores",
         _capture_cache,
+    ),
+    Assumption(
+        "head-at-positions",
+        "the unembedding's forward can be replaced per instance, receives the final normed "
+        "residual [batch, pos, d_model], and what it returns is the forward's logits (after "
+        "any soft-capping), whatever the positions",
+        _head_at_positions,
     ),
     Assumption(
         "pattern-hook-shape",

@@ -116,6 +116,25 @@ def _identity_block(hidden_states: Tensor, *args: object, **kwargs: object) -> T
 
 
 @contextmanager
+def head_at(model: TransformerBridge, keep: Tensor) -> Iterator[None]:
+    """For the block, the unembedding runs only at the flat positions ``keep`` of its input.
+
+    The input ``[batch, pos, d_model]`` is read row-major (row ``r``'s position ``t`` is
+    ``r * pos + t``); the forward then returns logits ``[1, len(keep), d_vocab]`` in the order
+    of ``keep``, through the model's own unembedding (and whatever the model does after it,
+    such as Gemma's soft-capping).
+    """
+    unembed = model.unembed
+    forward = type(unembed).forward
+
+    def selected(x: Tensor, *args: object, **kwargs: object) -> Tensor:
+        return forward(unembed, x.reshape(-1, x.shape[-1])[keep].unsqueeze(0), *args, **kwargs)
+
+    with replaced_forward([unembed], selected):
+        yield
+
+
+@contextmanager
 def skipped_blocks(model: TransformerBridge, below: int) -> Iterator[None]:
     """Blocks ``0..below-1`` pass their input through unchanged for the duration of the block.
 

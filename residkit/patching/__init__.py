@@ -4,6 +4,8 @@
   replaced before one block; the blocks below do not run (:func:`patch_residual`).
 - :mod:`~residkit.patching.sweep`: activation patching at every (layer, position[, head]) and
   hook point, batched (:func:`patching_sweep`, :func:`patched_logits`).
+- :mod:`~residkit.patching.chunks`: which patched runs share a forward, and where each
+  forward starts (layer and position).
 """
 
 from residkit.patching.residual import patch_residual, run_patched, run_patched_to_final

@@ -2,11 +2,11 @@
 
 :func:`patching_sweep` is the usual activation-patching experiment: one clean activation
 (a residual, an attention or MLP output, one head's ``z``) patched into a corrupted run, for
-every (layer, position[, head]). A patch at block ``l`` leaves the residual entering block
-``l`` as the corrupted run had it, so every patched run starts there, from the cached
-corrupted residual, and blocks below ``l`` never run. The runs that patch the same layer
-differ only in which row they patch, so they go through one forward as a batch: the
-corrupted prompt repeated along the batch dimension, one patch per row.
+every (layer, position[, head]). A patch at block ``l``, position ``p`` changes nothing below
+block ``l`` and, in a causal model, nothing before position ``p``. So no patched run repeats
+that part of the corrupted run: runs start at their block and, by default, at their chunk's
+first patched position, continuing the corrupted run's cache there; runs of neighbouring
+cells share one forward as a batch (:mod:`residkit.patching.chunks` plans them).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._bridge import skipped_blocks, temporary_hooks
+from residkit._bridge import temporary_hooks
 from residkit._entry import entry
 from residkit._validate import check_positions
 from residkit.architectures import spec_for
-from residkit.capture import Inputs, capture_residuals, to_tokens
+from residkit.capture import Inputs, capture_residuals, capture_with_logits, to_tokens
+from residkit.patching.chunks import Cell, Chunk, Runs, plan, prefix_caches, run_chunk
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,11 +37,6 @@ __all__ = ["HOOKS", "PatchingSweep", "patched_logits", "patching_sweep"]
 
 HOOKS: tuple[str, ...] = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z")
 """The points :func:`patching_sweep` patches (``z``: one attention head's output, per head)."""
-
-# Bytes of activations and logits one batch may hold: the logits dominate (pos x vocab per
-# row), so the default batch keeps them near this bound whatever the model's vocabulary.
-_BATCH_BYTES = 384 * 2**20
-_MAX_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -53,17 +49,32 @@ class PatchingSweep:
         hook: The patching point.
         positions: The token positions patched (the ``pos`` axis).
         str_tokens: The clean prompt's tokens at those positions (what is patched in there).
-        batch_size: Patched runs per forward (the largest chunk: the runs are split evenly).
-        n_forwards: Forwards run (the two capture runs included).
-        block_runs: Decoder blocks run, one per batch row: ``n_layers - l`` per run patched
-            at layer ``l`` (a full forward would run ``n_layers``).
+        batch_size: Patched runs in the largest forward.
+        n_forwards: Forwards run: the two capture runs, the pieces of the corrupted prompt
+            whose caches later forwards continue, and one per batch of patched runs.
+        block_runs: Decoder blocks run, one per batch row: ``n_layers - l`` for a row of a
+            forward that starts at block ``l`` (TransformerLens runs ``n_layers`` per cell).
+        block_positions: The blocks' work in token positions: each row's blocks times the
+            positions its forward runs (TransformerLens: ``n_layers * pos`` per cell).
+        reuse_prefix: Whether forwards started at their first patched position.
 
     Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:llama")
-        >>> sweep = residkit.patching_sweep(model, "ab", "cd", lambda l: l[0, -1, 5], progress=False)
-        >>> sweep.table.shape, sweep.n_forwards, sweep.block_runs
-        ((12, 4), 6, 30)
+        >>> metric = lambda logits: logits[0, -1, 5]
+        >>> sweep = residkit.patching_sweep(model, "ab", "cd", metric, progress=False)
+        >>> sweep.table.shape, sweep.n_forwards, sweep.block_positions
+        ((12, 4), 3, 144)
+
+        On a model this small a block call costs more than its arithmetic, so the plan puts
+        all 12 runs in one forward (the two capture runs make three). TransformerLens's loop,
+        one whole run per cell, does less arithmetic in many more calls:
+
+        >>> whole = residkit.patching_sweep(
+        ...     model, "ab", "cd", metric, batch_size=1, reuse_prefix=False, progress=False
+        ... )
+        >>> whole.n_forwards, whole.block_positions
+        (14, 90)
     """
 
     values: Float[Tensor, "layer pos"] | Float[Tensor, "layer pos head"]
@@ -73,6 +84,8 @@ class PatchingSweep:
     batch_size: int
     n_forwards: int
     block_runs: int
+    block_positions: int
+    reuse_prefix: bool
 
     @property
     def table(self) -> pd.DataFrame:
@@ -98,14 +111,6 @@ class PatchingSweep:
         return patching_heatmap(self, title=title)
 
 
-def default_batch_size(model: TransformerBridge, n_pos: int, n_runs: int) -> int:
-    """Runs per forward: one batch's logits and widest activations near 384 MiB, at most 64."""
-    cfg = model.cfg
-    width = cfg.d_vocab + 4 * max(cfg.d_model, getattr(cfg, "d_mlp", None) or cfg.d_model)
-    per_row = n_pos * width * 4
-    return max(1, min(_MAX_BATCH, n_runs, _BATCH_BYTES // per_row))
-
-
 @entry
 @torch.no_grad()
 def patching_sweep(
@@ -117,6 +122,7 @@ def patching_sweep(
     hook: str = "resid_pre",
     positions: Sequence[int] | None = None,
     batch_size: int | None = None,
+    reuse_prefix: bool = True,
     progress: bool = True,
 ) -> PatchingSweep:
     """Activation patching, clean -> corrupted, at every layer and position (and head).
@@ -125,9 +131,9 @@ def patching_sweep(
     activation at ``hook`` of block ``l``, position ``p``, patched in (``hook="z"``: entry
     ``[l, p, h]``, head ``h``'s ``z`` only). Same quantity as TransformerLens's
     ``get_act_patch_resid_pre``, ``get_act_patch_resid_mid``, ``get_act_patch_attn_out``,
-    ``get_act_patch_mlp_out`` and ``get_act_patch_attn_head_out_by_pos``; with
-    ``batch_size=1`` the values are bitwise theirs, batched they differ by GEMM-shape rounding
-    (``docs/patching.md`` gives the measured size).
+    ``get_act_patch_mlp_out`` and ``get_act_patch_attn_head_out_by_pos``. With
+    ``reuse_prefix=False, batch_size=1`` the values are bitwise theirs; otherwise they differ
+    by the rounding of GEMMs of other shapes (``docs/patching.md`` gives the measured size).
 
     Args:
         model: A bridge from :func:`residkit.load`.
@@ -136,8 +142,12 @@ def patching_sweep(
         metric: Maps logits ``[1, pos, vocab]`` of one patched run to a scalar tensor.
         hook: ``"resid_pre"``, ``"resid_mid"``, ``"attn_out"``, ``"mlp_out"`` or ``"z"``.
         positions: Positions to patch; default all.
-        batch_size: Patched runs per forward; default from the model size and prompt length
-            (:func:`default_batch_size`). Bounds memory; 1 runs them one at a time.
+        batch_size: Patched runs per forward at most; default from the model size and each
+            forward's positions (logits near 384 MiB). 1 runs them one at a time.
+        reuse_prefix: Start each forward at its first patched position, continuing the
+            corrupted run's cache there, and unembed each run only from its patch on (the
+            positions before a patch are the corrupted run's: the model is causal). False
+            runs every position of every run from its patched layer, as TransformerLens does.
         progress: Show a tqdm bar over forwards.
 
     Returns:
@@ -157,57 +167,62 @@ def patching_sweep(
     """
     clean_t, corrupt_t = _pair(model, clean, corrupted, hook)
     spec, n, n_pos = spec_for(model), model.cfg.n_layers, clean_t.shape[1]
-    points = [spec.patch_hook(hook, layer) for layer in range(n)]
     pos_list = list(range(n_pos)) if positions is None else check_positions("positions", positions)
     bad = [p for p in pos_list if not 0 <= p < n_pos]
     if not pos_list or bad:
         raise ValueError(
             f"positions {bad or pos_list} invalid for a prompt of {n_pos} tokens (use 0..{n_pos - 1})"
         )
-    heads = list(range(model.cfg.n_heads)) if hook == "z" else [None]
-    cells = [(j, p, h) for j, p in enumerate(pos_list) for h in heads]
-    if batch_size is None:
-        batch_size = default_batch_size(model, n_pos, len(cells))
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-
-    corrupt_resid = capture_residuals(model, corrupt_t, layers=range(n))
+    if not isinstance(reuse_prefix, bool):
+        raise TypeError(f"reuse_prefix must be True or False, got {reuse_prefix!r}")
+    heads: list[int | None] = list(range(model.cfg.n_heads)) if hook == "z" else [None]
+    chunks = plan(model, n_pos, pos_list, heads, batch_size=batch_size, reuse_prefix=reuse_prefix)
+    resid, corrupt_logits = capture_with_logits(model, corrupt_t, list(range(n)))
+    points = [spec.patch_hook(hook, layer) for layer in range(n)]
     clean_acts = (
         capture_residuals(model, clean_t, layers=range(n))
         if hook == "resid_pre"
         else _capture(model, clean_t, points)
     )
+    starts = sorted({c.start_pos for c in chunks})
+    runs = Runs(
+        tokens=corrupt_t,
+        corrupt_resid=dict(enumerate(resid)),
+        corrupt_logits=corrupt_logits,
+        clean_acts=dict(enumerate(clean_acts)),
+        hook=hook,
+        prefixes=prefix_caches(model, corrupt_t, starts),
+        ragged_head=reuse_prefix,
+    )
     shape = (n, len(pos_list), len(heads)) if hook == "z" else (n, len(pos_list))
     values = torch.zeros(shape, dtype=torch.float32)
-    # Equal chunks: 16 runs at a bound of 14 go as 8 + 8, not 14 + 2.
-    size = -(-len(cells) // -(-len(cells) // batch_size))
-    chunks = [cells[i : i + size] for i in range(0, len(cells), size)]
-    block_runs = 0
-    bar = tqdm(total=n * len(chunks), desc=f"patching {hook}", disable=not progress)
-    with bar:
-        for layer in range(n):
-            for chunk in chunks:
-                logits = _patched_forward(
-                    model, corrupt_t, corrupt_resid[layer], clean_acts[layer], layer, hook, chunk
+    for chunk in tqdm(chunks, desc=f"patching {hook}", disable=not progress):
+        for cell, logits in zip(chunk.cells, run_chunk(model, chunk, runs), strict=True):
+            value = metric(logits)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                raise ValueError(
+                    "metric must return a scalar tensor for one run's logits "
+                    f"[1, pos, vocab], got {value!r:.80}"
                 )
-                block_runs += (n - layer) * len(chunk)
-                for row, (j, _, h) in enumerate(chunk):
-                    value = metric(logits[row : row + 1])
-                    if not isinstance(value, Tensor) or value.numel() != 1:
-                        raise ValueError(
-                            "metric must return a scalar tensor for one run's logits "
-                            f"[1, pos, vocab], got {value!r:.80}"
-                        )
-                    values[(layer, j, h) if hook == "z" else (layer, j)] = value.item()
-                bar.update()
+            at = (cell.layer, cell.index, *([] if cell.head is None else [cell.head]))
+            values[at] = value.item()
     return PatchingSweep(
         values=values,
         hook=hook,
         positions=tuple(pos_list),
         str_tokens=tuple(str(t) for t in model.to_str_tokens(clean_t[0][pos_list])),
-        batch_size=size,
-        n_forwards=2 + n * len(chunks),
-        block_runs=block_runs,
+        batch_size=max(len(c.cells) for c in chunks),
+        # the two capture runs, the corrupted prefix's pieces, one forward per chunk
+        n_forwards=2 + len([s for s in starts if s]) + len(chunks),
+        block_runs=sum((n - c.start_layer) * len(c.cells) for c in chunks),
+        block_positions=sum(
+            (n - c.start_layer) * len(c.cells) * (n_pos - c.start_pos) for c in chunks
+        ),
+        reuse_prefix=reuse_prefix,
     )
 
 
@@ -225,7 +240,8 @@ def patched_logits(
 ) -> Float[Tensor, "1 pos vocab"]:
     """Logits of one patched run: ``corrupted`` with ``clean``'s activation at one point.
 
-    The run behind cell ``[layer, pos(, head)]`` of :func:`patching_sweep`.
+    The run behind cell ``[layer, pos(, head)]`` of :func:`patching_sweep`, run whole from its
+    patched layer (every position computed).
 
     Examples:
         >>> import residkit
@@ -246,9 +262,17 @@ def patched_logits(
     if head is not None and not 0 <= head < model.cfg.n_heads:
         raise ValueError(f"head {head!r} out of range for {model.cfg.n_heads} heads")
     point = spec_for(model).patch_hook(hook, layer)
-    start = capture_residuals(model, corrupt_t, layers=[layer])[0]
-    clean_act = _capture(model, clean_t, [point])[0]
-    return _patched_forward(model, corrupt_t, start, clean_act, layer, hook, [(0, pos, head)])
+    runs = Runs(
+        tokens=corrupt_t,
+        corrupt_resid={layer: capture_residuals(model, corrupt_t, layers=[layer])[0]},
+        corrupt_logits=torch.empty(0),
+        clean_acts={layer: _capture(model, clean_t, [point])[0]},
+        hook=hook,
+        prefixes={},
+        ragged_head=False,
+    )
+    (logits,) = run_chunk(model, Chunk(layer, 0, (Cell(layer, 0, pos, head),)), runs)
+    return logits
 
 
 def _pair(
@@ -276,37 +300,3 @@ def _capture(model: TransformerBridge, tokens: Tensor, points: list[str]) -> lis
     ):
         model(tokens, return_type=None)
     return [s[0] for s in stores]
-
-
-def _patched_forward(
-    model: TransformerBridge,
-    tokens: Tensor,
-    start: Tensor,
-    clean_act: Tensor,
-    layer: int,
-    hook: str,
-    cells: list[tuple[int, int, int | None]],
-) -> Tensor:
-    """Logits of ``len(cells)`` patched runs in one forward that starts at block ``layer``."""
-    batch = len(cells)
-    entering = start.expand(batch, -1, -1).clone()
-    if hook == "resid_pre":
-        for row, (_, pos, _) in enumerate(cells):
-            entering[row, pos] = clean_act[0, pos]
-    spec = spec_for(model)
-
-    def enter(act: Tensor, hook: object) -> Tensor:
-        return entering.to(act.dtype)
-
-    def patch(act: Tensor, hook: object) -> Tensor:
-        out = act.clone()
-        for row, (_, pos, head) in enumerate(cells):
-            index = (row, pos) if head is None else (row, pos, head)
-            out[index] = clean_act[(0, pos) if head is None else (0, pos, head)]
-        return out
-
-    hooks = [(spec.resid_hook(layer, model.cfg.n_layers), enter)]
-    if hook != "resid_pre":
-        hooks.append((spec.patch_hook(hook, layer), patch))
-    with skipped_blocks(model, layer), temporary_hooks(model, hooks):
-        return model(tokens.expand(batch, -1))
