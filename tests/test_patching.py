@@ -129,8 +129,14 @@ def test_real_model_sweep_matches_transformer_lens() -> None:
         return logits[0, -1, mary] - logits[0, -1, john]
 
     _, clean_cache = model.run_with_cache(clean)
-    cells = pd.DataFrame([(layer, (layer * 5) % clean.shape[1]) for layer in range(0, 30, 3)])
-    cells.columns = ["layer", "pos"]
+    # The names' positions (where the prompts differ), one other and the last: four columns
+    # of the sweep, so the one-at-a-time sweep is 120 whole runs rather than 480.
+    names = (clean[0] != corrupted[0]).nonzero().flatten().tolist()
+    positions = sorted({*names, names[0] + 1, clean.shape[1] - 1})
+    cells = pd.DataFrame(
+        [(layer, positions[i % len(positions)]) for i, layer in enumerate(range(0, 30, 3))],
+        columns=["layer", "pos"],
+    )
     setter = tl_patching.get_act_patch_attn_out.keywords["patch_setter"]
     ref = tl_patching.generic_activation_patch(
         model, corrupted, clean_cache, metric, setter, "attn_out", index_df=cells
@@ -142,11 +148,13 @@ def test_real_model_sweep_matches_transformer_lens() -> None:
             corrupted,
             metric,
             hook="attn_out",
+            positions=positions,
             batch_size=batch_size,
             reuse_prefix=reuse_prefix,
             progress=False,
         )
-        ours = torch.stack([sweep.values[r.layer, r.pos] for r in cells.itertuples()])
+        column = {p: j for j, p in enumerate(positions)}
+        ours = torch.stack([sweep.values[r.layer, column[r.pos]] for r in cells.itertuples()])
         scale = sweep.values.abs().max().item()
         assert scale > 1.0  # swapping the names moves the logit difference
         if not reuse_prefix:

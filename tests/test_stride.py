@@ -150,17 +150,20 @@ def test_an_edit_between_anchors_is_refused_by_name(no_leaked_hooks) -> None:
 
 
 @pytest.mark.real_model
-def test_memory_limit_holds_on_a_2000_token_run_with_the_full_cache_tokens() -> None:
+def test_memory_limit_holds_on_a_1000_token_run_with_the_full_cache_tokens() -> None:
     # A real model: with 30 layers a plan can beat the full cache; with the zoo's 4 small
-    # layers the transient of any recompute costs more than the K/V it saves.
+    # layers the transient of any recompute costs more than the K/V it saves. At 1,000 tokens
+    # the chosen plan's peak is 0.45x the full cache's (35 s; 1,200 tokens: 0.42x, 48 s: the
+    # time grows with the square of the context, since every prompt chunk replays the
+    # evicted span).
     model = get_real("smollm2-135m-instruct")
     generator = torch.Generator().manual_seed(1)
-    prompt = torch.randint(1, model.cfg.d_vocab, (1, 1992), generator=generator)
-    n_new = 9  # 1,992 + 8 fed = 2,000 tokens of context
+    prompt = torch.randint(1, model.cfg.d_vocab, (1, 992), generator=generator)
+    n_new = 9  # 992 + 8 fed = 1,000 tokens of context
     full = residkit.generate(model, prompt, max_new_tokens=n_new, stop_at_eos=False)
     limit = int(0.6 * full.stats.peak_total_bytes)
     # Prompt chunks of 256: each chunk replays the evicted span, so small chunks cost time.
-    policy = KVDirect(32, memory_limit=limit, context=2000, prefill_chunk=256)
+    policy = KVDirect(32, memory_limit=limit, context=1000, prefill_chunk=256)
     chosen = policy.resolved(model)
     assert isinstance(chosen, KVDirect) and chosen.checkpoint == "stride", chosen
     run = residkit.generate(model, prompt, max_new_tokens=n_new, policy=policy, stop_at_eos=False)
@@ -168,7 +171,7 @@ def test_memory_limit_holds_on_a_2000_token_run_with_the_full_cache_tokens() -> 
     # Every forward's active K/V + reserved checkpoints + transient stayed under the limit.
     assert run.stats.peak_total_bytes <= limit
     assert all(active + ckpt <= limit for active, ckpt in run.stats.per_step)
-    assert run.stats.tokens_evicted == 2000 - 32
+    assert run.stats.tokens_evicted == 1000 - 32
 
 
 def test_memory_limit_below_every_plan_names_the_smallest_that_fits() -> None:
