@@ -42,22 +42,14 @@ def best_wall(argv: list[str], runs: int = 3) -> float:
     return min(times)
 
 
-def best_of(fn, runs: int = 3) -> float:
+def timed(fn, runs: int = 3) -> list[float]:
+    """Seconds of each of ``runs`` calls of ``fn``."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def median(fn, runs: int = 3) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def main() -> int:
@@ -83,7 +75,7 @@ def main() -> int:
     model = residkit.load(args.model)
     n = model.cfg.n_layers
     (_, src), (_, tgt) = prompt_set(model, n=2, tokens=args.tokens)
-    forward = best_of(lambda: model(src))
+    forward = min(timed(lambda: model(src)))
     bound = (n + 1) / 2 + 3
     print(
         f"{args.model}: {src.shape[1]} tokens, {n} layers; one forward {forward:.3f} s; "
@@ -94,11 +86,11 @@ def main() -> int:
         for _ in range(args.runs):
             # Paired: the forwards just before and just after this run are its reference, so
             # the machine's drift between runs cancels.
-            before = median(lambda: model(src))
+            before = statistics.median(timed(lambda: model(src)))
             start = time.perf_counter()
             report = residkit.markov_test(model, src, tgt, compare=compare)
             seconds = time.perf_counter() - start
-            after = median(lambda: model(src))
+            after = statistics.median(timed(lambda: model(src)))
             ok &= report.passed
             ratios.append(seconds / ((before + after) / 2))
         mid = statistics.median(ratios)
