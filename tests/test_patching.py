@@ -118,6 +118,7 @@ def test_no_resid_mid_on_parallel_blocks(model_for, no_leaked_hooks) -> None:
         patching_sweep(model, "ab", "cd", lambda x: x.sum(), hook="resid_mid")
 
 
+@pytest.mark.real_model
 def test_real_model_sweep_matches_transformer_lens() -> None:
     """SmolLM2-135M: TL's sweep on a sample of cells, residkit's batched and one-at-a-time."""
     model = get_real("smollm2-135m-instruct")
