@@ -7,7 +7,7 @@ import residkit
 from residkit.capture import capture_with_logits
 from residkit.markov import TASKS, _patched_rows, cross_task_suite, markov_test
 from residkit.metrics import kl_divergence
-from residkit.patching import patch_residual
+from residkit.patching import patch_residual, run_patched_to_final
 from tests.conftest import raises_naming
 
 
@@ -151,6 +151,21 @@ def test_unknown_alignment(model_for, no_leaked_hooks) -> None:
     model = model_for("llama")
     with no_leaked_hooks(model), raises_naming("align", "middle"):
         markov_test(model, "abc", "def", align="middle")
+
+
+def test_run_to_the_final_norm(model_for) -> None:
+    """The final residual of a run patched whole at a layer: the source's, as the Markov
+    property says; a layer with no blocks above it is refused by name."""
+    model = model_for("qwen3")
+    n = model.cfg.n_layers
+    src, tgt = model.to_tokens("abcdefgh"), model.to_tokens("ijklmnop")
+    resid = residkit.capture_residuals(model, src, layers=[1, n])
+    final = run_patched_to_final(model, tgt, resid[0], 1)
+    assert torch.equal(final, resid[1])
+    # Negative control: the layer-1 residual put in at layer 2 ends elsewhere.
+    assert not torch.equal(run_patched_to_final(model, tgt, resid[0], 2), resid[1])
+    with pytest.raises(ValueError, match=f"layer {n} has no blocks above it"):
+        run_patched_to_final(model, tgt, resid[1], n)
 
 
 def test_unknown_comparison(model_for, no_leaked_hooks) -> None:

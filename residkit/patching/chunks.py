@@ -47,7 +47,7 @@ __all__ = ["BLOCK_CALL_FLOPS", "Cell", "Chunk", "Runs", "plan", "prefix_caches",
 
 BLOCK_CALL_FLOPS = 3e8
 """Fixed cost of one block call, in FLOPs of arithmetic. On 2 CPU cores a block of
-SmolLM2-135M takes about 2 ms on a single token: reading its 18 MB of weights once, and the
+SmolLM2-135M takes about 2 ms on a single token: reading its 14 MB of weights once, and the
 bridge's hook points and dispatch. That is the time of about 3e8 FLOPs of its GEMMs there.
 Of 1e8, 3e8 and 1e9, 3e8 gave the fastest sweep (SmolLM2, 32 tokens, ``resid_pre``:
 23.0-24.7 s against 24.8-25.8 s)."""
