@@ -43,7 +43,16 @@ from residkit._bridge import (
 )
 from residkit.architectures import spec_for
 
-__all__ = ["BLOCK_CALL_FLOPS", "Cell", "Chunk", "Runs", "plan", "prefix_caches", "run_chunk"]
+__all__ = [
+    "BLOCK_CALL_FLOPS",
+    "Cell",
+    "Chunk",
+    "Runs",
+    "default_rows",
+    "plan",
+    "prefix_caches",
+    "run_chunk",
+]
 
 BLOCK_CALL_FLOPS = 3e8
 """Fixed cost of one block call, in FLOPs of arithmetic. On 2 CPU cores a block of
