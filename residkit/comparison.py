@@ -48,36 +48,21 @@ from residkit._entry import entry
 from residkit._validate import choice, non_negative_int, positive_int
 from residkit.architectures import SCOPES, Scope, spec_for
 from residkit.capture import to_tokens
-from residkit.generation.engine import Generation, Sampler, decode_loop, generate
+from residkit.generation.engine import Generation, decode_loop, generate, next_logits
+from residkit.generation.engine import prefill as prefill_cache
+from residkit.generation.sampling import Sampler
 from residkit.metrics import kl_divergence
-from residkit.policies.base import CachePolicy
-from residkit.policies.h2o import H2O
-from residkit.policies.kvdirect import KVDirect
-from residkit.policies.snapkv import SnapKV
-from residkit.policies.streaming import StreamingLLM
-from residkit.policies.tova import TOVA
-from residkit.policies.window import Window
+from residkit.policies.base import CachePolicy, policy_classes, resolve_policy
 
-__all__ = ["POLICIES", "PolicyComparison", "compare_policies", "kept_positions"]
+__all__ = ["BASELINES", "PolicyComparison", "compare_policies", "kept_positions"]
 
 PolicyFactory = Callable[[int], CachePolicy]
 
-POLICIES: dict[str, PolicyFactory] = {
-    "window": Window,
-    "streaming": lambda b: StreamingLLM(b, n_sink=min(4, b // 2)),
-    "h2o": H2O,
-    "snapkv": lambda b: SnapKV(b, window_size=max(1, min(32, b // 2))),
-    "tova": TOVA,
-    "kvdirect": KVDirect,
-}
-"""Policy names :func:`compare_policies` accepts -> ``budget -> policy``.
-
-The published defaults assume budgets of hundreds of tokens. At the small budgets a zoo model
-is compared at, StreamingLLM keeps ``min(4, budget // 2)`` sinks and SnapKV observes
-``min(32, budget // 2)`` queries (at least 1), so each keeps half its budget by its own rule
-(H2O's default recent window is ``budget // 2`` too). With the paper defaults, SnapKV at a
-budget <= 32 would keep exactly what Window keeps, and StreamingLLM at budget 4 only sinks.
-"""
+BASELINES: tuple[str, ...] = ("window", "streaming", "h2o", "snapkv", "tova", "kvdirect")
+"""The policies :func:`compare_policies` runs by default: the paper's five eviction baselines and
+KV-Direct. Any name :func:`~residkit.policies.resolve_policy` knows is accepted; each is built
+at a budget by its class's ``for_budget`` (StreamingLLM and SnapKV scale their sink count and
+observation window to small budgets there)."""
 
 
 @dataclass
@@ -147,13 +132,12 @@ class PolicyComparison:
 def _resolve(policies: Sequence[str | PolicyFactory] | None) -> list[tuple[str, PolicyFactory]]:
     if isinstance(policies, str) or not (policies is None or isinstance(policies, Sequence)):
         raise TypeError(f"policies must be a list of names or callables, got {policies!r:.80}")
-    chosen = list(POLICIES) if policies is None else list(policies)
+    chosen = list(BASELINES) if policies is None else list(policies)
     out: list[tuple[str, PolicyFactory]] = []
     for p in chosen:
         if isinstance(p, str):
-            if p not in POLICIES:
-                raise ValueError(f"unknown policy {p!r}; known policies: {', '.join(POLICIES)}")
-            out.append((p, POLICIES[p]))
+            resolve_policy(p, budget=0)  # a ValueError listing the known names
+            out.append((p, policy_classes()[p].for_budget))
         elif callable(p):
             out.append(("", p))  # named from the policy it makes, once a budget is known
         else:
@@ -203,8 +187,9 @@ def compare_policies(
         model: A bridge from :func:`residkit.load`.
         prompts: One prompt or a list (strings or token ids).
         budgets: K/V budgets (tokens per global layer), each a non-negative int.
-        policies: Names from :data:`POLICIES` or callables ``budget -> CachePolicy``;
-            default every name (the five baselines and ``"kvdirect"``).
+        policies: Policy names (:func:`~residkit.policies.resolve_policy`) or callables
+            ``budget -> CachePolicy``; default :data:`BASELINES` (the five eviction baselines
+            and ``"kvdirect"``).
         max_new_tokens: Positions compared per prompt.
         kl: Which KL to measure: ``"teacher"`` (one extra run per policy whose tokens differ),
             ``"free"`` or ``"both"`` (one more full-cache scoring run then).
@@ -340,8 +325,9 @@ def kept_positions(
 ) -> pd.DataFrame:
     """Positions whose K/V attention can read after a greedy generation under ``policy``.
 
-    Drives a session with the engine's own loop (:func:`residkit.generation.engine.decode_loop`,
-    greedy, EOS ignored). Eviction sessions report what they kept; policies that drop nothing
+    Drives the policy's cache with the engine's own loop
+    (:func:`residkit.generation.engine.decode_loop`, greedy, EOS ignored). Eviction caches report
+    what they kept; policies that drop nothing
     (full cache, KV-Direct, which recomputes what left its active window) report every position
     fed. Sliding-window layers are left out: the model bounds them, not the policy.
 
@@ -358,14 +344,12 @@ def kept_positions(
         [9, 10, 11]
     """
     tokens: Int[Tensor, "1 pos"] = to_tokens(model, prompt)
-    session = policy.open(model)
-    try:
-        logits = session.prefill(tokens)
-        new, _ = decode_loop(session, logits, max_new_tokens, Sampler(), eos=None)
-        per_layer = getattr(session, "held_positions", None)
-        kept = per_layer() if per_layer is not None else None
-    finally:
-        session.close()
+    with policy.make_cache(model) as cache:
+        logits = prefill_cache(model, cache, tokens, policy.prefill_chunk_size)
+        step = lambda t: next_logits(model, t, cache)  # noqa: E731
+        new, _ = decode_loop(step, logits, max_new_tokens, Sampler(), eos=None)
+    per_layer = getattr(cache, "held_positions", None)
+    kept = per_layer() if per_layer is not None else None
     if kept is None:
         fed = tokens.shape[1] + len(new) - 1
         sliding = set(spec_for(model).sliding_layers(hf_config(model)))

@@ -5,7 +5,7 @@ Block ``l``'s attention-input norm and attention bridge run on the residual with
 before its cache write (norm, biases, QK-norm, partial or per-layer-type rotary) is done by the
 family's own code, and attention scores and the MLP are never computed. Four economies keep
 that cheap enough to run at every decoding step, and none changes a bit of K or V
-(``tests/test_recompute.py`` checks each against the model's own cache, with negative
+(``tests/test_projector.py`` checks each against the model's own cache, with negative
 controls):
 
 - **No Q.** The query projection returns a tensor with zero heads, so neither its GEMM nor its
@@ -14,8 +14,8 @@ controls):
   hooks still never fire during recomputation.
 - **The attention bridge, not the block.** The family's attention-input norm (``ArchSpec``'s
   ``attn_norm_path``) and then the block's attention bridge are called directly, skipping the
-  decoder layer and block wrappers (0-0.4 ms a call on SmolLM2's shape in a hot loop,
-  within the host's noise; ``benchmarks/kvdirect_breakdown.py``). K and V still come
+  decoder layer and block wrappers (``benchmarks/kvdirect_breakdown.py`` times both). K and V
+  still come
   out of TransformerLens's own attention code. With ``use_split_qkv_input`` or ``use_attn_in``
   on, the block runs whole, since it is the block that hands attention the pre-norm residual.
 - **GEMM shapes on request.** With ``chunks``, the K and V projections run once per original

@@ -64,7 +64,7 @@ def recompute_layer(
     chunks: Sequence[int] | None = None,
     pre_rotary_keys: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Unchecked core of :func:`recompute_kv` (see :class:`residkit._recompute.KVProjector`).
+    """Unchecked core of :func:`recompute_kv` (see :class:`residkit.projector.KVProjector`).
 
     ``chunks``: sizes of the original forward chunks, for their GEMM shapes (bitwise on CPU).
     User hooks do not fire.

@@ -58,6 +58,29 @@ def full_reference(arch: str, tokens: torch.Tensor, max_new_tokens: int) -> Gene
     return _REFERENCES[key]
 
 
+@torch.no_grad()
+def greedy(
+    model: TransformerBridge,
+    cache: object,
+    prompt: torch.Tensor,
+    n_new: int,
+    each: Callable[[dict], None] | None = None,
+) -> list[torch.Tensor]:
+    """A user's own loop over an attached policy ``cache``: the prompt, then ``n_new - 1``
+    greedy tokens fed back; the logits of every forward (``each`` sees ``held_positions()``
+    after each, for eviction caches)."""
+    from residkit.generation.engine import next_logits
+
+    out = [next_logits(model, prompt, cache)]
+    for _ in range(n_new - 1):
+        if each is not None:
+            each(cache.held_positions())  # type: ignore[attr-defined]
+        out.append(next_logits(model, out[-1].argmax(-1, keepdim=True), cache))
+    if each is not None:
+        each(cache.held_positions())  # type: ignore[attr-defined]
+    return out
+
+
 @pytest.fixture(scope="session")
 def executed_notebooks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the notebooks run during the session are saved with their outputs: by JupyterLab

@@ -6,18 +6,18 @@ from typing import Any
 import pytest
 import torch
 
-from residkit._bridge import cached_forward, hf_config
+from residkit._bridge import cached_forward, hf_config, new_cache
 from residkit.architectures import spec_for
-from residkit.comparison import POLICIES, compare_policies, kept_positions
+from residkit.comparison import BASELINES, compare_policies, kept_positions
 from residkit.generation import Generation, generate
 from residkit.policies import KVDirect
-from residkit.policies._eviction import EvictionSession
+from residkit.policies._eviction import EvictionCache
 from residkit.policies.h2o import H2O, h2o_keep
 from residkit.policies.snapkv import SnapKV, snapkv_keep
 from residkit.policies.streaming import StreamingLLM, streaming_keep
 from residkit.policies.tova import TOVA, tova_keep
 from residkit.policies.window import Window, window_keep
-from tests.conftest import Boom, failing_forward
+from tests.conftest import Boom, failing_forward, greedy
 
 PROMPT = "Heavy hitters, sinks and windows: which tokens does attention need?"
 MARGIN = 1e-3  # scores closer than this would let a tie decide the kept set
@@ -152,16 +152,18 @@ def test_window_equals_transformers_sliding_window(model_for, no_leaked_hooks) -
 def test_multi_token_chunk_after_eviction_stays_causal(model_for) -> None:
     """Rows of a chunk fed after eviction see the kept keys and earlier rows, never later ones."""
     model = model_for("llama")
-    session = Window(4).open(model)
-    assert isinstance(session, EvictionSession)
-    session.prefill(model.to_tokens("abcdefghijkl"))
     chunk = model.to_tokens("mnopq", prepend_bos=False)
-    before = copy.deepcopy(session.cache)
-    with torch.no_grad():
-        rows = cached_forward(model, chunk, session.cache)[0]
+    with torch.no_grad(), Window(4).make_cache(model) as cache:
+        assert isinstance(cache, EvictionCache)
+        cached_forward(model, model.to_tokens("abcdefghijkl"), cache)
+        before = new_cache(model)
+        before.layers = copy.deepcopy(cache.layers)  # the eviction layers, without the hooks
+        rows = cached_forward(model, chunk, cache)[0]
         for k in range(1, chunk.shape[1] + 1):
-            alone = cached_forward(model, chunk[:, :k], copy.deepcopy(before))[0, -1]
-            torch.testing.assert_close(alone, rows[k - 1], atol=1e-4, rtol=0)
+            alone = new_cache(model)
+            alone.layers = copy.deepcopy(before.layers)
+            last = cached_forward(model, chunk[:, :k], alone)[0, -1]
+            torch.testing.assert_close(last, rows[k - 1], atol=1e-4, rtol=0)
 
 
 # --- kept positions against a reference replay of each rule on the captured pattern -------
@@ -219,15 +221,11 @@ def test_kept_positions_match_reference(name: str, model_for, no_leaked_hooks) -
         )
         for layer in layers
     ]
-    session = REF_POLICIES[name].open(model)
-    assert isinstance(session, EvictionSession)
     kept: list[dict[int, torch.Tensor]] = []
-    with no_leaked_hooks(model), model.hooks(fwd_hooks=hooks):
-        logits = session.prefill(model.to_tokens(PROMPT[:20]))
-        kept.append(session.held_positions())
-        for _ in range(8):
-            logits = session.step(logits.argmax(-1, keepdim=True))
-            kept.append(session.held_positions())
+    policy = REF_POLICIES[name]
+    with no_leaked_hooks(model), model.hooks(fwd_hooks=hooks), policy.make_cache(model) as cache:
+        assert isinstance(cache, EvictionCache)
+        greedy(model, cache, model.to_tokens(PROMPT[:20]), 9, each=kept.append)
     for layer in layers:
         heads: list[list[int]] = [[] for _ in range(N_KV)]
         acc: list[dict] = [{} for _ in range(N_KV)]
@@ -275,7 +273,7 @@ def test_compare_policies(family: str, model_for, no_leaked_hooks) -> None:
     with no_leaked_hooks(model):
         cmp = compare_policies(model, PROMPTS, budgets=[4, 16], max_new_tokens=16, progress=False)
     table = cmp.table.set_index(["policy", "budget"])
-    assert list(dict.fromkeys(cmp.table["policy"])) == list(POLICIES)
+    assert list(dict.fromkeys(cmp.table["policy"])) == list(BASELINES)
     for budget in (4, 16):
         kvd = table.loc[("kvdirect", budget)]
         assert kvd["token_match"] == 100.0 and kvd["mean_kl"] == 0.0 and kvd["max_kl"] == 0.0
@@ -373,7 +371,8 @@ def test_policies_are_frozen_dataclasses() -> None:
     [
         (
             {"policies": ["window", "lru"]},
-            "unknown policy 'lru'; known policies: window, streaming, h2o, snapkv, tova, kvdirect",
+            "unknown cache policy 'lru'; pass a CachePolicy or one of: full, h2o, kvdirect, none, "
+            "snapkv, streaming, tova, window",
         ),
         ({"budgets": []}, "budgets is empty"),
         ({"budgets": [4, -2]}, "budget must be a non-negative int, got -2"),

@@ -99,3 +99,9 @@ def test_startup_benchmark_runs() -> None:
     assert "import residkit:" in out and "forward-equivalents" in out
     assert "compare='final_residual'" in out and "compare='logits'" in out
     assert "verify checks:" in out and "(passed: True)" in out
+
+
+def test_hf_generate_benchmark_runs() -> None:
+    out = _run("hf_generate.py", "--tiny", "--new", "4", "--runs", "1", "--budget", "4")
+    assert "| FullCache |" in out and "FullCache hooks overhead" in out
+    assert "| False |" not in out  # every cache's tokens equal the reference's

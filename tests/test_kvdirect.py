@@ -266,7 +266,7 @@ def test_chunked_prefill_bounds_every_forward(monkeypatch) -> None:
 
     def watched(self, keys, values):
         seen_before = self.cumulative_length
-        old = self.session._recomputed.get(self.layer)
+        old = self.cache.recomputed.get(self.layer)
         if old is not None:
             recomputed.append((old[0].shape[-2], seen_before))
         out = real_append(self, keys, values)

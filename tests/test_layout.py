@@ -135,3 +135,57 @@ def test_the_internals_search_finds_one(monkeypatch, tmp_path) -> None:
         Path, "relative_to", lambda self, other: Path(self.name)
     )  # the stray file lives outside the package
     assert internals_outside_the_adapter() == ["stray.py:2: return attn.k.original_component"]
+
+
+PATH_REFERENCE = re.compile(r"(?<![\w/.])(tests/[\w/]+\.py|residkit(?:\.[A-Za-z_]\w*)+)")
+
+
+def stale_references() -> list[str]:
+    """Every ``tests/...py`` file or ``residkit.x.y`` module/attribute a docstring or comment
+    in the package names that does not exist."""
+    import importlib
+
+    root = PACKAGE.parent
+    stale = []
+    for module, path in sorted(MODULES.items()):
+        for ref in sorted(set(PATH_REFERENCE.findall(path.read_text()))):
+            if ref.startswith("tests/"):
+                if not (root / ref).exists():
+                    stale.append(f"{module}: {ref}")
+                continue
+            parts = ref.split(".")
+            for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+                try:
+                    obj = importlib.import_module(".".join(parts[:cut]))
+                except ImportError:
+                    continue
+                try:
+                    for attr in parts[cut:]:
+                        obj = getattr(obj, attr)
+                except AttributeError:
+                    stale.append(f"{module}: {ref}")
+                break
+            else:
+                stale.append(f"{module}: {ref}")
+    return stale
+
+
+def test_every_named_path_exists() -> None:
+    assert stale_references() == []
+
+
+def test_a_stale_reference_is_caught(monkeypatch) -> None:
+    """Negative control: a docstring naming a test file and a module that do not exist."""
+    fake = PACKAGE / "policies" / "base.py"
+    real_text = Path.read_text
+
+    def with_stale(self: Path, *a, **k) -> str:
+        text = real_text(self, *a, **k)
+        if self == fake:
+            text += '\n"""See tests/test_nowhere.py and residkit._recompute."""\n'
+        return text
+
+    monkeypatch.setattr(Path, "read_text", with_stale)
+    found = stale_references()
+    assert "residkit.policies.base: tests/test_nowhere.py" in found
+    assert "residkit.policies.base: residkit._recompute" in found

@@ -6,7 +6,7 @@ import torch
 
 import residkit
 from residkit import KVDirect
-from residkit._bridge import cached_forward, layer_kv, new_cache, replay_kv
+from residkit._bridge import cached_forward, kv_bytes, layer_kv, new_cache, replay_kv
 from residkit._bridge.model import hf_config
 from residkit.architectures import spec_for
 from residkit.policies.plans import plan_bytes, resolve
@@ -16,6 +16,7 @@ from tests.conftest import (
     full_reference,
     get_model,
     get_real,
+    greedy,
     raises_naming,
 )
 
@@ -95,14 +96,9 @@ def test_predicted_bytes_equal_the_tensors(family: str, plan: dict) -> None:
     prompt = _prompt(model)
     budget, n_new = 8, 12
     policy = KVDirect(budget, **plan)
-    session = policy.open(model)
-    try:
-        logits = session.prefill(prompt)
-        for _ in range(n_new - 1):
-            logits = session.step(logits.argmax(-1, keepdim=True))
-        measured = session.active_bytes() + session.checkpoint_bytes()
-    finally:
-        session.close()
+    with policy.make_cache(model) as cache:
+        greedy(model, cache, prompt, n_new)
+        measured = kv_bytes(cache) + cache.checkpoint_bytes()
     config = hf_config(model)
     spec = spec_for(model)
     layers = spec.managed_layers(config, "global")

@@ -3,13 +3,15 @@
 Every other module reaches the bridge through these names. Each assumption they rest on is
 named and checked in :mod:`residkit._bridge.contract` (run once per model by
 :func:`residkit._bridge.contract.check_contract`, and on every family by
-``tests/test_bridge_contract.py``).
+``tests/test_bridge.py``).
 
 - :mod:`~residkit._bridge.model`: the HF model and config, q/k/v and norm components, the
   tokenizer slot, skipping blocks.
 - :mod:`~residkit._bridge.hooks`: adding, muting and counting hooks, forward overrides.
 - :mod:`~residkit._bridge.cache`: cache layers, the capturing cache, K/V read-back, and the
   cache argument transformers 5.24 renamed.
+- :mod:`~residkit._bridge.policy_cache`: the ``transformers`` cache every policy builds on,
+  doing its work through hooks inside the forwards it is given.
 """
 
 from residkit._bridge.cache import (
@@ -52,12 +54,16 @@ from residkit._bridge.model import (
     set_tokenizer,
     skipped_blocks,
 )
-from residkit._bridge.replay import replay_kv
+from residkit._bridge.policy_cache import CacheHooksError, HookedCache, attached
+from residkit._bridge.replay import replay_cache, replay_kv
 
 __all__ = [
+    "CacheHooksError",
     "CacheLayer",
     "CaptureCache",
     "Captured",
+    "HookedCache",
+    "attached",
     "attn_norm",
     "cache_argument_shim",
     "cached_forward",
@@ -86,6 +92,7 @@ __all__ = [
     "point_names",
     "repeated_cache",
     "replaced_forward",
+    "replay_cache",
     "replay_kv",
     "set_tokenizer",
     "skipped_blocks",

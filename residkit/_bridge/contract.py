@@ -4,7 +4,7 @@ residkit reaches into the bridge in the places :mod:`residkit._bridge` lists. Ea
 reach rests on a fact about the installed libraries; :data:`CONTRACT` names each fact and
 checks it on a real forward. :func:`check_contract` runs them all once per model (first use),
 so an upgrade that breaks one fails loudly, naming what broke, instead of giving silently
-wrong results. ``tests/test_bridge_contract.py`` runs the contract on every family and breaks
+wrong results. ``tests/test_bridge.py`` runs the contract on every family and breaks
 assumptions on purpose to show each is caught.
 """
 

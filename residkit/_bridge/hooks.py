@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,7 +21,9 @@ from transformer_lens.hook_points import HookPoint
 
 __all__ = [
     "OURS",
+    "carries",
     "edit_watch",
+    "foreign_hooked",
     "hook_count",
     "hook_points",
     "hooked",
@@ -29,6 +31,7 @@ __all__ = [
     "muted_hook_points",
     "point_names",
     "replaced_forward",
+    "run_last",
     "temporary_hooks",
 ]
 
@@ -130,6 +133,29 @@ def point_names(model: Any, names: set[str] | list[str]) -> str:
         also = sorted(aliases.get(name, []))
         parts.append(f"{name} (also {', '.join(also)})" if also else name)
     return ", ".join(parts)
+
+
+def _ours(point: HookPoint, ours: list[Callable[..., Any]]) -> int:
+    return sum(any(h.user_hook is fn for fn in ours) for h in point.fwd_hooks)
+
+
+def foreign_hooked(points: list[HookPoint], ours: list[Callable[..., Any]]) -> list[HookPoint]:
+    """The points among ``points`` carrying hooks other than the callables ``ours``."""
+    return [p for p in points if len(p._forward_hooks) + len(p._forward_pre_hooks) > _ours(p, ours)]
+
+
+def carries(point: HookPoint, ours: list[Callable[..., Any]]) -> bool:
+    """Whether one of the callables ``ours`` is hooked on ``point``."""
+    return _ours(point, ours) > 0
+
+
+def run_last(points: list[HookPoint], ours: list[Callable[..., Any]]) -> None:
+    """Move the hooks ``ours`` on ``points`` after every other hook there, so they see the
+    activation as the model consumes it, after hooks added since."""
+    for point in points:
+        for handle in point.fwd_hooks:
+            if any(handle.user_hook is fn for fn in ours):
+                cast(OrderedDict, point._forward_hooks).move_to_end(handle.hook.id)
 
 
 def hooked(points: list[HookPoint]) -> list[HookPoint]:

@@ -34,7 +34,7 @@ from residkit._bridge.cache import (
 from residkit._bridge.hooks import muted_hook_points, temporary_hooks
 from residkit._bridge.model import n_kv_heads, skipped_blocks
 
-__all__ = ["replay_kv"]
+__all__ = ["replay_cache", "replay_kv"]
 
 
 class _Done(Exception):
@@ -138,3 +138,12 @@ def replay_kv(
             raise RuntimeError(f"layer {layer} received no K/V during the replay")
         out[layer] = kv
     return out, kv_bytes(cache)
+
+
+def replay_cache(model: Any, ids: Tensor) -> Any:
+    """A fresh cache of the model's own layers holding the K/V of ``ids`` (one forward, user
+    hooks muted, the unembedding run at the last position only)."""
+    cache = new_cache(model)
+    with muted_hook_points(model):
+        cached_forward(model, ids, cache, return_type=None, logits_to_keep=1)
+    return cache

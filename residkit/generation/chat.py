@@ -1,4 +1,4 @@
-"""Multi-turn chat on one cache session: state carries across turns, memory is reported per turn."""
+"""Multi-turn chat on one policy cache: state carries across turns, memory is reported per turn."""
 
 import time
 from dataclasses import dataclass, fields
@@ -10,22 +10,24 @@ import torch
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._bridge import attached
 from residkit._bridge.contract import check_contract
 from residkit._entry import check_model, exclusive
 from residkit._validate import positive_int
-from residkit.generation.engine import Sampler, decode_loop, eos_ids, resolve_policy
-from residkit.policies import CachePolicy
+from residkit.generation.engine import decode_loop, eos_ids, next_logits, prefill
+from residkit.generation.sampling import Sampler
+from residkit.policies import CachePolicy, resolve_policy
 
 __all__ = ["Chat", "TurnMemory"]
 
 # Stands in for the last reply while the template renders the next turn: what follows it is
-# what the session has not seen yet. No template trims or escapes it.
+# what the cache has not seen yet. No template trims or escapes it.
 _MARK = "\x00residkit-reply\x00"
 
 
 @dataclass
 class TurnMemory:
-    """Bytes held by the session after one turn, and the turn's time.
+    """Bytes held by the cache after one turn, and the turn's time.
 
     ``total_bytes`` (active K/V + reserved checkpoints) is what a reader compares with the full
     cache's K/V; ``peak_total_bytes`` adds what was alive during the turn's forwards (see
@@ -47,9 +49,9 @@ class TurnMemory:
 
 
 class Chat:
-    """A conversation whose K/V state lives in one policy session.
+    """A conversation whose K/V state lives in one policy cache.
 
-    Each :meth:`send` feeds only what the session has not seen (the user's turn, wrapped by the
+    Each :meth:`send` feeds only what the cache has not seen (the user's turn, wrapped by the
     tokenizer's chat template when it has one, plus the previous reply's last token, which
     decoding never feeds back), then decodes the reply. The first turn's tokens are exactly
     ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``, so the first reply
@@ -99,7 +101,7 @@ class Chat:
         self.templated = has_template if chat_template is None else chat_template
         with exclusive(model):
             check_contract(model)
-        self.session = self.policy.open(model)
+        self.cache = self.policy.make_cache(model)
         self.messages: list[dict[str, str]] = (
             [{"role": "system", "content": system}] if system is not None else []
         )
@@ -115,7 +117,7 @@ class Chat:
         messages = [*self.messages, {"role": "user", "content": text}]
         if not self.history:
             return list(tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
-        # The last assistant message becomes a marker: the text after it is new to the session.
+        # The last assistant message becomes a marker: the text after it is new to the cache.
         messages[-2] = {"role": "assistant", "content": _MARK}
         rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         delta = rendered[rendered.index(_MARK) + len(_MARK) :]
@@ -146,7 +148,7 @@ class Chat:
                 history, as the model produced it).
 
         A turn is atomic: if it fails or is interrupted (an exception, KeyboardInterrupt), the
-        chat and its cache session are left as they were before it.
+        chat and its cache are left as they were before it.
 
         Raises:
             TypeError: a message that is not one string, or a non-int ``max_new_tokens``.
@@ -169,13 +171,19 @@ class Chat:
                 f"context of {self.model.cfg.n_ctx}"
             )
         eos = eos_ids(self.model) if stop_at_eos else None
-        with exclusive(self.model):
-            snapshot = self.session.snapshot()
+        with exclusive(self.model), attached(self.cache) as cache:
+            snapshot = cache.snapshot()
             try:
-                logits = self.session.prefill(ids)
-                new, _ = decode_loop(self.session, logits, max_new_tokens, self._sampler, eos)
+                logits = prefill(self.model, cache, ids, self.policy.prefill_chunk_size)
+                new, _ = decode_loop(
+                    lambda t: next_logits(self.model, t, cache),
+                    logits,
+                    max_new_tokens,
+                    self._sampler,
+                    eos,
+                )
             except BaseException:
-                self.session.restore(snapshot)
+                cache.restore(snapshot)
                 raise
         reply = torch.stack(new)
         self.history += [ids[0], reply[:-1]]
@@ -188,7 +196,7 @@ class Chat:
             {"role": "user", "content": text},
             {"role": "assistant", "content": reply_text},
         ]
-        mem = self.session.memory
+        mem = self.cache.memory
         self._turns.append(
             TurnMemory(
                 turn=len(self._turns),
@@ -208,7 +216,7 @@ class Chat:
         return reply_text
 
     def tokens(self) -> Tensor:
-        """Every token the session has been fed, in order (the last reply's last token excluded)."""
+        """Every token the cache has been fed, in order (the last reply's last token excluded)."""
         if not self.history:
             return torch.zeros(0, dtype=torch.long)
         return torch.cat(self.history)
@@ -235,5 +243,5 @@ class Chat:
         return fig
 
     def close(self) -> None:
-        """Release the session (removes nothing from the model: sessions add hooks per forward)."""
-        self.session.close()
+        """Detach the cache from the model (it holds hooks only during :meth:`send` anyway)."""
+        self.cache.detach()

@@ -1,13 +1,19 @@
 """The decoding loop. Policies decide what is kept; this loop decides what is generated.
 
-Every policy is driven the same way: ``prefill(prompt)``, then ``step(token)`` per new token,
-with the same sampler. So any difference in output between two policies is a difference in
-what attention saw, never in how tokens were chosen.
+:func:`generate` is a plain loop over a policy's ``transformers`` cache
+(:meth:`~residkit.policies.CachePolicy.make_cache`): the prompt in one forward (or chunks of
+``policy.prefill_chunk``), then one forward per new token, each ``model(ids,
+past_key_values=cache)`` with the unembedding at the last position only, as transformers'
+``generate`` computes it. Tokens are chosen by transformers' own sampling warpers
+(temperature, top-k, top-p) and ``torch.multinomial``. So the same cache handed to
+transformers' ``generate`` gives the same logits, bit for bit, and with the same seed the same
+samples; and any difference between two policies is a difference in what attention saw.
 """
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pandas as pd
@@ -17,13 +23,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._bridge import generation_config
-from residkit._bridge.contract import check_contract
+from residkit._bridge import cached_forward, generation_config, muted_hook_points, new_cache
 from residkit._entry import entry
-from residkit._validate import non_negative_int, positive_int, real
+from residkit._validate import non_negative_int
 from residkit.capture import Inputs, to_tokens
-from residkit.policies import CachePolicy, CacheSession, FullCache, KVDirect, MemoryStats, NoCache
-from residkit.policies.kvdirect import Checkpoint, Mode
+from residkit.generation.sampling import Sampler, check_sampling, sample_next
+from residkit.policies import CachePolicy, KVDirect, MemoryStats, resolve_policy
+from residkit.policies.base import chunked
 
 __all__ = [
     "Generation",
@@ -33,27 +39,34 @@ __all__ = [
     "eos_ids",
     "generate",
     "generate_kvdirect",
+    "next_logits",
+    "prefill",
     "resolve_policy",
     "sample_next",
 ]
 
-_NAMED = {"full": FullCache, "none": NoCache}
+
+def next_logits(
+    model: TransformerBridge, ids: Int[Tensor, "batch pos"], cache: Any
+) -> Float[Tensor, "batch vocab"]:
+    """Logits after ``ids``, fed through ``model`` with ``cache``: the unembedding runs at the
+    last position only (transformers' ``generate`` does the same; a whole-sequence unembedding
+    is another GEMM shape, different in the last bits)."""
+    return cached_forward(model, ids, cache, logits_to_keep=1)[:, -1]
 
 
-def resolve_policy(policy: CachePolicy | str) -> CachePolicy:
-    """A policy object from itself or its name (``"full"``, ``"none"``)."""
-    if isinstance(policy, CachePolicy):
-        return policy
-    if isinstance(policy, str) and policy in _NAMED:
-        return _NAMED[policy]()
-    raise ValueError(
-        f"unknown cache policy {policy!r}; pass a CachePolicy object or one of {sorted(_NAMED)}"
-    )
+def prefill(
+    model: TransformerBridge, cache: Any, tokens: Int[Tensor, "batch pos"], chunk: int | None
+) -> Float[Tensor, "batch vocab"]:
+    """Feed ``tokens`` in forwards of at most ``chunk`` positions; the last one's logits."""
+    for piece in chunked(tokens, chunk):
+        logits = next_logits(model, piece, cache)
+    return logits
 
 
 @dataclass
 class GenerationStats(MemoryStats):
-    """Memory (from the session) plus timing of one generation."""
+    """Memory (from the cache) plus timing of one generation."""
 
     total_seconds: float = 0.0
     new_tokens: int = 0
@@ -120,52 +133,6 @@ class Generation:
         return fig
 
 
-def sample_next(
-    logits: Float[Tensor, "1 vocab"],
-    *,
-    do_sample: bool,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-) -> Int[Tensor, "1 1"]:
-    """Greedy argmax, or a sample after temperature, top-k and top-p (nucleus) filtering."""
-    if not do_sample:
-        return logits.argmax(-1, keepdim=True)
-    scores = logits.double() / temperature
-    if top_k is not None:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None:
-        sorted_scores, order = torch.sort(scores, descending=True)
-        cum = torch.softmax(sorted_scores, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_scores, -1) >= top_p  # keep the token that crosses p
-        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(scores, -1)
-    return torch.multinomial(probs, 1, generator=generator)
-
-
-@dataclass
-class Sampler:
-    """How the next token is chosen (shared by :func:`generate` and :class:`Chat`)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    generator: torch.Generator | None = None
-
-    def __call__(self, logits: Tensor) -> Tensor:
-        return sample_next(
-            logits,
-            do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            generator=self.generator,
-        )
-
-
 def eos_ids(model: TransformerBridge) -> set[int]:
     """Token ids that end generation: the tokenizer's EOS and the generation config's, as HF's
     ``generate`` stops on the latter (Gemma lists several)."""
@@ -177,7 +144,7 @@ def eos_ids(model: TransformerBridge) -> set[int]:
 
 
 def decode_loop(
-    session: CacheSession,
+    step: Callable[[Tensor], Tensor],
     logits: Tensor | None,
     max_new_tokens: int,
     sampler: Sampler,
@@ -185,7 +152,8 @@ def decode_loop(
     return_logits: bool = False,
     forced_tokens: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Choose ``max_new_tokens`` tokens starting from ``logits``; the last one is not fed back."""
+    """Choose ``max_new_tokens`` tokens starting from ``logits``, feeding each chosen token to
+    ``step`` (which returns the next logits); the last one is not fed back."""
     new: list[Tensor] = []
     kept: list[Tensor] = []
     for i in range(max_new_tokens):
@@ -198,82 +166,56 @@ def decode_loop(
         new.append(nxt[0, 0])
         if (eos is not None and int(nxt) in eos) or i == max_new_tokens - 1:
             break
-        logits = session.step(nxt)
+        logits = step(nxt)
     return new, kept
 
 
-@entry
-def generate_kvdirect(
-    model: TransformerBridge,
-    prompt: Inputs,
-    *,
-    max_new_tokens: int = 32,
-    budget: int = 64,
-    checkpoint: Checkpoint = "layer",
-    mode: Mode = "exact",
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop_at_eos: bool = True,
-    return_logits: bool = False,
-    measure_deviation: bool = False,
-    prefill_chunk: int | None = None,
-) -> Generation:
-    """Decode with KV-Direct: :func:`generate` with ``policy=KVDirect(budget, checkpoint, mode,
-    measure_deviation=..., prefill_chunk=...)``.
+_KVDIRECT_OPTIONS = {f.name for f in fields(KVDirect)} - {"budget"}
 
-    See :class:`residkit.policies.KVDirect` for the mechanism, the memory accounting and what
-    happens to user hooks; :func:`generate` for the other arguments.
+
+def generate_kvdirect(
+    model: TransformerBridge, prompt: Inputs, *, budget: int = 64, **options: Any
+) -> Generation:
+    """Decode with KV-Direct: :func:`generate` with ``policy=KVDirect(budget, ...)``.
+
+    Args:
+        model: A bridge from :func:`residkit.load`.
+        prompt: One prompt (string or token ids).
+        budget: Tokens of K/V kept per global layer.
+        **options: Any :class:`~residkit.policies.KVDirect` option (``checkpoint``, ``mode``,
+            ``stride``, ``keep_top``, ``scope``, ``prefill_chunk``, ``memory_limit``,
+            ``context``, ``measure_deviation``), and any argument of :func:`generate`.
+
+    Raises:
+        TypeError: an option neither :class:`~residkit.policies.KVDirect` nor
+            :func:`generate` takes (the message names it), or ``policy=``.
 
     Examples:
         >>> import residkit
         >>> model = residkit.load("zoo:gemma3")
-        >>> gen = residkit.generate_kvdirect(model, "The residual", max_new_tokens=8, budget=4)
-        >>> gen.stats.tokens_evicted > 0
-        True
+        >>> gen = residkit.generate_kvdirect(model, "The residual", max_new_tokens=8, budget=4,
+        ...                                  checkpoint="stride", stride=2)
+        >>> gen.stats.tokens_evicted > 0, gen.policy.stride
+        (True, 2)
     """
-    return generate(
-        model,
-        prompt,
-        max_new_tokens=max_new_tokens,
-        policy=KVDirect(
-            budget,
-            checkpoint,
-            mode,
-            measure_deviation=measure_deviation,
-            prefill_chunk=prefill_chunk,
-        ),
-        do_sample=do_sample,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_at_eos=stop_at_eos,
-        return_logits=return_logits,
-    )
+    if "policy" in options:
+        raise TypeError("generate_kvdirect decodes with KVDirect; pass its options, not policy=")
+    kv = {k: options.pop(k) for k in list(options) if k in _KVDIRECT_OPTIONS}
+    return generate(model, prompt, policy=KVDirect(budget, **kv), **options)
 
 
-def check_sampling(
-    do_sample: Any, temperature: Any, top_k: Any, top_p: Any, seed: Any = None
-) -> None:
-    """Check the sampling arguments: TypeError / ValueError naming the one that is wrong.
+class _Shadow:
+    """A full cache decoding the same ids beside a policy, user hooks muted: the max |logit
+    difference| from it (``KVDirect(measure_deviation=True)``)."""
 
-    ``temperature``, ``top_k`` and ``top_p`` are ignored when ``do_sample`` is False, but
-    still must be of the right type (a typo should not pass silently).
-    """
-    if not isinstance(do_sample, bool):
-        raise TypeError(f"do_sample must be True or False, got {do_sample!r}")
-    temperature = real("temperature", temperature)
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
-    if top_k is not None:
-        positive_int("top_k", top_k)
-    if top_p is not None and not 0 < real("top_p", top_p) <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if seed is not None:
-        non_negative_int("seed", seed)
+    def __init__(self, model: TransformerBridge) -> None:
+        self.model, self.cache, self.max_deviation = model, new_cache(model), 0.0
+
+    def compare(self, ids: Tensor, logits: Tensor) -> Tensor:
+        with muted_hook_points(self.model):
+            ref = next_logits(self.model, ids, self.cache)
+        self.max_deviation = max(self.max_deviation, (ref - logits).abs().max().item())
+        return logits
 
 
 @entry
@@ -300,7 +242,10 @@ def generate(
         model: A bridge from :func:`residkit.load`.
         prompt: One prompt (string or token ids).
         max_new_tokens: How many tokens to generate (fewer if EOS and ``stop_at_eos``).
-        policy: A :class:`~residkit.policies.CachePolicy` or ``"full"`` / ``"none"``.
+        policy: A :class:`~residkit.policies.CachePolicy`, or the name of one
+            (:func:`~residkit.policies.resolve_policy`: ``"full"``, ``"none"``, ``"kvdirect"``,
+            ``"window"``, ``"streaming"``, ``"h2o"``, ``"snapkv"``, ``"tova"``, each at its
+            default settings). Its cache is what the loop decodes with.
         cache: Deprecated name of ``policy`` (a DeprecationWarning; removed in 0.3).
         do_sample: Sample instead of greedy argmax.
         temperature: Sampling temperature (ignored when greedy).
@@ -361,21 +306,28 @@ def generate(
     eos = eos_ids(model) if stop_at_eos else None
     sampler = Sampler(do_sample, temperature, top_k, top_p, generator)
 
-    check_contract(model)
     start = time.perf_counter()
-    session = chosen.open(model)
-    try:
-        logits = session.prefill(tokens) if max_new_tokens > 0 else None
+    deviation: float | None = None
+    with chosen.make_cache(model) as kv:
+        shadow = _Shadow(model) if getattr(chosen, "measure_deviation", False) else None
+
+        def step(ids: Tensor) -> Tensor:
+            logits = next_logits(model, ids, kv)
+            return shadow.compare(ids, logits) if shadow is not None else logits
+
+        logits = None
+        if max_new_tokens > 0:
+            for piece in chunked(tokens, chosen.prefill_chunk_size):
+                logits = step(piece)
         new, kept_logits = decode_loop(
-            session, logits, max_new_tokens, sampler, eos, return_logits, forced_tokens
+            step, logits, max_new_tokens, sampler, eos, return_logits, forced_tokens
         )
-    finally:
-        session.close()
+        deviation = shadow.max_deviation if shadow is not None else None
     elapsed = time.perf_counter() - start
 
-    stats = GenerationStats(**vars(session.memory))
+    stats = GenerationStats(**vars(kv.memory))
     stats.total_seconds, stats.new_tokens = elapsed, len(new)
-    stats.max_logit_deviation = getattr(session, "max_logit_deviation", None)
+    stats.max_logit_deviation = deviation
     out = torch.stack(new) if new else torch.zeros(0, dtype=torch.long)
     return Generation(
         prompt_tokens=tokens[0],

@@ -55,11 +55,10 @@ __all__ = [
 ]
 
 BLOCK_CALL_FLOPS = 3e8
-"""Fixed cost of one block call, in FLOPs of arithmetic. On 2 CPU cores a block of
-SmolLM2-135M takes about 2 ms on a single token: reading its 14 MB of weights once, and the
-bridge's hook points and dispatch. That is the time of about 3e8 FLOPs of its GEMMs there.
-Of 1e8, 3e8 and 1e9, 3e8 gave the fastest sweep (SmolLM2, 32 tokens, ``resid_pre``:
-23.0-24.7 s against 24.8-25.8 s)."""
+"""Fixed cost of one block call, in FLOPs of arithmetic: reading the block's weights once, and
+the bridge's hook points and dispatch, expressed as the GEMM work that takes as long. Fitted on
+a 2-core CPU with ``benchmarks/patching.py`` (the candidates and their sweep times are in
+``benchmarks/RESULTS.md``); other hardware may prefer another value."""
 
 # Bytes of activations and logits one forward may hold: the logits dominate (pos x vocab per
 # row), so the default rows per forward keep them near this bound whatever the vocabulary.

@@ -1,9 +1,9 @@
 """Shared machinery of the eviction baselines (Window, StreamingLLM, H2O, SnapKV, TOVA).
 
 An eviction policy drops K/V for good, unlike KV-Direct, which recomputes them. Every baseline
-runs on the same decoding loop as the other policies: a ``transformers.DynamicCache`` passed as
-``past_key_values`` through the bridge forward, with each *global* layer replaced by an
-:class:`EvictionLayer`. Sliding-window layers of the model keep the model's own sliding cache.
+is a ``transformers`` cache (:class:`EvictionCache`, from ``policy.make_cache(model)``) whose
+*global* layers are :class:`EvictionLayer` objects, so it works in any decoding loop, transformers'
+``generate`` included. Sliding-window layers of the model keep the model's own sliding cache.
 
 Conventions shared by every baseline:
 
@@ -40,23 +40,20 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import (
     CacheLayer,
-    cached_forward,
     hf_config,
     install,
     installed,
     kv_bytes,
     n_kv_heads,
-    new_cache,
-    temporary_hooks,
 )
 from residkit._validate import choice, non_negative_int
 from residkit.architectures import SCOPES, Scope, spec_for
-from residkit.policies.base import CachePolicy, CacheSession
+from residkit.policies.base import CachePolicy, PolicyCache
 
 __all__ = [
+    "EvictionCache",
     "EvictionLayer",
     "EvictionPolicy",
-    "EvictionSession",
     "check_window",
     "per_kv_head",
     "top_k_sorted",
@@ -169,7 +166,7 @@ class EvictionPolicy(CachePolicy):
             sliding windows only while the sequence fits them (longer is a ValueError).
     """
 
-    budget: int
+    budget: int = 64
     scope: Scope = field(default="global", kw_only=True)
     needs_attention: ClassVar[bool] = False
 
@@ -177,8 +174,12 @@ class EvictionPolicy(CachePolicy):
         non_negative_int("budget", self.budget)
         choice("scope", self.scope, SCOPES)
 
-    def open(self, model: TransformerBridge) -> CacheSession:
-        return EvictionSession(model, self)
+    @classmethod
+    def for_budget(cls, budget: int) -> "EvictionPolicy":
+        return cls(budget)
+
+    def make_cache(self, model: TransformerBridge) -> "EvictionCache":
+        return EvictionCache(model, self)
 
     def summarize(self, pattern: Float[Tensor, "batch n_heads q k"]) -> Tensor:
         """What :meth:`select` needs of one forward's attention, taken inside the hook.
@@ -200,28 +201,28 @@ class EvictionPolicy(CachePolicy):
         """
 
 
-class EvictionSession(CacheSession):
-    """One generation under an :class:`EvictionPolicy`."""
+class EvictionCache(PolicyCache):
+    """One sequence under an :class:`EvictionPolicy`, as a ``transformers`` cache."""
 
     def __init__(self, model: TransformerBridge, policy: EvictionPolicy) -> None:
-        super().__init__(model)
-        self.policy = policy
+        super().__init__(model, policy)
+        self.policy: EvictionPolicy = policy
         self.spec = spec_for(model)
         cfg = hf_config(model)
         self.global_layers = self.spec.managed_layers(cfg, policy.scope)
         self.limit = self.spec.window_limit(cfg, policy.scope)
         self.n_kv_heads = n_kv_heads(model)
-        self.cache = new_cache(model)
         for layer in self.global_layers:
-            install(self.cache, layer, EvictionLayer())
+            install(self, layer, EvictionLayer())
         self._patterns: dict[int, Tensor] = {}
+        self._during = 0
 
     def _layer(self, layer: int) -> EvictionLayer:
-        cached = installed(self.cache, layer)
+        cached = installed(self, layer)
         assert isinstance(cached, EvictionLayer)
         return cached
 
-    def _hooks(self) -> list[tuple[str, Any]]:
+    def forward_hooks(self) -> list[tuple[str, Any]]:
         if not self.policy.needs_attention:
             return []
         return [
@@ -232,13 +233,15 @@ class EvictionSession(CacheSession):
     def _keep_pattern(self, layer: int, act: Tensor, hook: object) -> None:
         self._patterns[layer] = self.policy.summarize(act.detach())
 
-    def _forward(self, ids: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
+    def begin_forward(self, ids: Tensor) -> None:
         check_window(self.limit, self._seen() + ids.shape[1])
         self._patterns.clear()
+
+    def end_forward(self) -> None:
+        ids = self.forward_ids
+        assert ids is not None
         try:
-            with temporary_hooks(self.model, self._hooks()):
-                logits = cached_forward(self.model, ids, self.cache)[:, -1]
-            during = kv_bytes(self.cache)  # the new chunk's K/V are in before anything leaves
+            during = kv_bytes(self)  # the new chunk's K/V are in before anything leaves
             for layer in self.global_layers:
                 pattern = self._patterns.pop(layer, None)
                 if self.policy.needs_attention and pattern is None:
@@ -255,21 +258,26 @@ class EvictionSession(CacheSession):
         if self.global_layers:
             first = self._layer(self.global_layers[0])
             self.memory.tokens_evicted = first.seen - first.kept()
-        self.memory.record(kv_bytes(self.cache), 0, during=during)
-        return logits
+        self.memory.record(kv_bytes(self), 0, during=during)
 
     def _seen(self) -> int:
         return self._layer(self.global_layers[0]).seen if self.global_layers else 0
 
     def held_positions(self) -> dict[int, Int[Tensor, "batch n_kv_heads kept"]]:
-        """Absolute positions each global layer holds now, per ``(batch, kv_head)``."""
+        """Absolute positions each global layer holds now, per ``(batch, kv_head)``.
+
+        Examples:
+            >>> import residkit
+            >>> from residkit.policies.window import Window
+            >>> model = residkit.load("zoo:llama")
+            >>> with Window(3).make_cache(model) as cache:
+            ...     _ = model(model.to_tokens("abcdefgh"), past_key_values=cache)
+            >>> cache.held_positions()[0][0, 0].tolist()
+            [6, 7, 8]
+        """
         out = {}
         for layer in self.global_layers:
             positions = self._layer(layer).positions
             empty = torch.zeros(1, self.n_kv_heads, 0, dtype=torch.long)
             out[layer] = positions.clone() if positions is not None else empty
         return out
-
-    @torch.no_grad()
-    def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
-        return self._forward(tokens)

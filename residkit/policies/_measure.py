@@ -33,24 +33,23 @@ def _run(
     model: TransformerBridge, policy: CachePolicy, ids: torch.Tensor, steps: int, count: bool
 ) -> tuple[int, float, int]:
     """(bytes after the last step, best step seconds, GEMM FLOPs of the last step)."""
-    session = policy.open(model)
-    try:
-        logits = session.prefill(ids[:, : ids.shape[1] - steps])
+    from residkit.generation.engine import next_logits, prefill
+
+    with policy.make_cache(model) as cache:
+        logits = prefill(model, cache, ids[:, : ids.shape[1] - steps], policy.prefill_chunk_size)
         best, flops = float("inf"), 0
         for i in range(steps):
             token = ids[:, ids.shape[1] - steps + i :][:, :1]
             if count and i == steps - 1:
                 with FlopCounterMode(display=False) as counter:
-                    logits = session.step(token)
+                    logits = next_logits(model, token, cache)
                 flops = int(counter.get_total_flops())
             else:
                 start = time.perf_counter()
-                logits = session.step(token)
+                logits = next_logits(model, token, cache)
                 best = min(best, time.perf_counter() - start)
         del logits
-        held = session.memory.active_kv_bytes + session.memory.checkpoint_bytes
-    finally:
-        session.close()
+        held = cache.memory.active_kv_bytes + cache.memory.checkpoint_bytes
     return held, best, flops
 
 

@@ -1,21 +1,30 @@
 """The cache-policy interface shared by every decoding mode.
 
 A policy is a small, frozen description (``FullCache()``, ``KVDirect(budget=16)``): a
-dataclass whose fields are its settings, checked when it is made. ``policy.open(model)`` gives
-a :class:`CacheSession` that holds the state of one generation. The engine in
-:mod:`residkit.generation` drives sessions through ``prefill`` and ``step`` and knows nothing
-else about them, so a new policy is one small file (``docs/`` has a worked example).
+dataclass whose fields are its settings, checked when it is made. ``policy.make_cache(model)``
+gives a :class:`PolicyCache`, a ``transformers`` cache that holds the state of one sequence and
+does the policy's work inside whatever forwards it is given: :func:`residkit.generate`'s loop,
+transformers' ``generate``, or a user's own loop. A new policy is one small file
+(``docs/howto/cache-policy.md`` has a worked example).
 """
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = ["CachePolicy", "CacheSession", "MemoryStats", "chunked"]
+from residkit._bridge.policy_cache import HookedCache
+
+__all__ = [
+    "CachePolicy",
+    "MemoryStats",
+    "PolicyCache",
+    "chunked",
+    "policy_classes",
+    "resolve_policy",
+]
 
 
 @dataclass
@@ -95,7 +104,7 @@ class MemoryStats:
 
 
 def _state(obj: Any) -> dict[str, Any]:
-    # Sessions and cache layers replace their tensors rather than writing into them, so
+    # Caches and their layers replace their tensors rather than writing into them, so
     # references are a snapshot; lists and dicts they append to are copied one level.
     return {
         k: list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
@@ -103,39 +112,43 @@ def _state(obj: Any) -> dict[str, Any]:
     }
 
 
-class CacheSession(ABC):
-    """The state of one generation under one policy."""
+class PolicyCache(HookedCache):
+    """A cache policy at work: a ``transformers`` cache holding one sequence's state.
 
-    def __init__(self, model: TransformerBridge) -> None:
-        self.model = model
+    Made by :meth:`CachePolicy.make_cache`. It owns its layers, whatever the policy keeps
+    besides (checkpoints, scores) and its :class:`MemoryStats` (``cache.memory``), and does its
+    whole job inside the forwards it is given, through hooks it holds on the model while
+    attached (``with cache:``; see :class:`residkit._bridge.policy_cache.HookedCache`).
+
+    Examples:
+        >>> import residkit, torch
+        >>> model = residkit.load("zoo:llama")
+        >>> with residkit.KVDirect(budget=4).make_cache(model) as cache:
+        ...     _ = model(model.to_tokens("abcdefgh"), past_key_values=cache)
+        >>> cache.memory.tokens_evicted  # 9 tokens fed (BOS included), 4 kept
+        5
+    """
+
+    def __init__(self, model: TransformerBridge, policy: "CachePolicy") -> None:
+        super().__init__(model, label=type(policy).__name__)
+        self.policy = policy
         self.memory = MemoryStats()
 
-    @abstractmethod
-    def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
-        """Append a chunk of tokens (the prompt, or a later chat turn); return its last logits."""
-
-    def step(self, token: Int[Tensor, "1 1"]) -> Float[Tensor, "1 vocab"]:
-        """Append one token; return its logits. A step is a chunk of one for every policy here."""
-        return self.prefill(token)
-
-    def close(self) -> None:  # noqa: B027 - optional hook, most sessions hold nothing external
-        """Release anything the session put on the model (hooks, overrides)."""
-
     def stateful(self) -> list[Any]:
-        """Every object whose attributes make up the session's state (see :meth:`snapshot`)."""
-        cache = getattr(self, "cache", None)
-        layers = list(getattr(cache, "layers", []))
-        return [self, self.memory, *([cache] if cache is not None else []), *layers]
+        """Every object whose attributes make up the cache's state (see :meth:`snapshot`)."""
+        return [self, self.memory, *self.layers]
 
     def snapshot(self) -> list[tuple[Any, dict[str, Any]]]:
-        """The session's state now, cheaply (references, not copies of K/V)."""
+        """The cache's state now, cheaply (references, not copies of K/V)."""
         return [(obj, _state(obj)) for obj in self.stateful()]
 
     def restore(self, snapshot: list[tuple[Any, dict[str, Any]]]) -> None:
-        """Put the session back as it was when ``snapshot`` was taken (an atomic chat turn)."""
+        """Put the cache back as it was when ``snapshot`` was taken (an atomic chat turn)."""
+        attached = self._attached
         for obj, state in snapshot:
             vars(obj).clear()
             vars(obj).update(state)
+        self._attached = attached
 
 
 def chunked(tokens: Tensor, size: int | None) -> list[Tensor]:
@@ -153,10 +166,11 @@ def chunked(tokens: Tensor, size: int | None) -> list[Tensor]:
 
 @dataclass(frozen=True)
 class CachePolicy(ABC):
-    """A description of how K/V are kept; ``open`` makes a session.
+    """A description of how K/V are kept; :meth:`make_cache` puts it to work.
 
     Subclasses are frozen dataclasses: their ``repr`` lists their settings, two equal
-    policies compare equal, and a policy can be reused for any number of generations.
+    policies compare equal, and a policy can be reused for any number of generations. Each
+    concrete subclass sets ``name``, the name :func:`resolve_policy` knows it by.
 
     Examples:
         >>> import residkit
@@ -168,5 +182,55 @@ class CachePolicy(ABC):
     name: ClassVar[str] = "policy"
 
     @abstractmethod
-    def open(self, model: TransformerBridge) -> CacheSession:
-        """Start a session for one generation on ``model``."""
+    def make_cache(self, model: TransformerBridge) -> PolicyCache:
+        """A ``transformers`` cache that applies this policy in any forward given it.
+
+        Use it attached: ``with policy.make_cache(model) as cache:``, then pass ``cache`` as
+        ``past_key_values`` to the model's forward or to transformers' ``generate``.
+        """
+
+    @classmethod
+    def for_budget(cls, budget: int) -> "CachePolicy":
+        """This policy at a K/V budget, with its other settings scaled to it (for sweeps)."""
+        return cls(budget)  # type: ignore[call-arg]
+
+    @property
+    def prefill_chunk_size(self) -> int | None:
+        """Tokens per prefill forward the decoding loop should use (None: the whole prompt)."""
+        return getattr(self, "prefill_chunk", None)
+
+
+def policy_classes() -> dict[str, type[CachePolicy]]:
+    """Every concrete policy class by its ``name`` (the one registry of policy names)."""
+    out: dict[str, type[CachePolicy]] = {}
+    todo = list(CachePolicy.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo += cls.__subclasses__()
+        if not getattr(cls, "__abstractmethods__", None) and cls.__module__.startswith("residkit."):
+            out.setdefault(cls.name, cls)
+    return out
+
+
+def resolve_policy(policy: Any, budget: int | None = None) -> CachePolicy:
+    """A policy object from itself or its name, at ``budget`` where one is given.
+
+    Examples:
+        >>> resolve_policy("h2o", budget=8)
+        H2O(budget=8, scope='global', recent=None)
+        >>> resolve_policy("lru")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown cache policy 'lru'; pass a CachePolicy or one of: full, h2o, kvdirect, none, snapkv, streaming, tova, window
+    """
+    if isinstance(policy, CachePolicy):
+        return policy
+    import residkit.policies  # noqa: F401 - every built-in policy class registers on import
+
+    known = policy_classes()
+    if isinstance(policy, str) and policy in known:
+        cls = known[policy]
+        return cls() if budget is None else cls.for_budget(budget)
+    raise ValueError(
+        f"unknown cache policy {policy!r}; pass a CachePolicy or one of: {', '.join(sorted(known))}"
+    )

@@ -2,30 +2,28 @@
 
 from dataclasses import dataclass
 
-import torch
-from jaxtyping import Float, Int
-from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import DynamicCache
 
-from residkit._bridge import cached_forward, kv_bytes, new_cache
+from residkit._bridge import kv_bytes
 from residkit._validate import positive_int
-from residkit.policies.base import CachePolicy, CacheSession, chunked
+from residkit.policies.base import CachePolicy, PolicyCache
 
-__all__ = ["FullCache"]
+__all__ = ["FullCache", "FullKVCache"]
 
 
-class _FullSession(CacheSession):
-    def __init__(self, model: TransformerBridge, policy: "FullCache") -> None:
-        super().__init__(model)
-        self.policy = policy
-        self.cache = new_cache(model)
+class FullKVCache(PolicyCache):
+    """The model's own cache layers, with residkit's memory accounting after every forward."""
 
-    @torch.no_grad()
-    def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
-        for chunk in chunked(tokens, self.policy.prefill_chunk):
-            logits = cached_forward(self.model, chunk, self.cache)
-            self.memory.record(kv_bytes(self.cache), 0)
-        return logits[:, -1]
+    # Every layer is transformers' own, so these keep their meaning (beam search and
+    # assisted decoding work as with a plain DynamicCache).
+    crop = DynamicCache.crop  # type: ignore[assignment]
+    batch_repeat_interleave = DynamicCache.batch_repeat_interleave
+    batch_select_indices = DynamicCache.batch_select_indices  # type: ignore[assignment]
+    reorder_cache = DynamicCache.reorder_cache  # type: ignore[assignment]
+
+    def end_forward(self) -> None:
+        self.memory.record(kv_bytes(self), 0)
 
 
 @dataclass(frozen=True)
@@ -52,5 +50,9 @@ class FullCache(CachePolicy):
         if self.prefill_chunk is not None:
             positive_int("prefill_chunk", self.prefill_chunk)
 
-    def open(self, model: TransformerBridge) -> CacheSession:
-        return _FullSession(model, self)
+    @classmethod
+    def for_budget(cls, budget: int) -> "FullCache":
+        return cls()  # keeps everything, whatever the budget
+
+    def make_cache(self, model: TransformerBridge) -> FullKVCache:
+        return FullKVCache(model, self)

@@ -65,9 +65,9 @@ class H2O(EvictionPolicy):
         >>> import residkit
         >>> from residkit.policies.h2o import H2O
         >>> model = residkit.load("zoo:llama")
-        >>> session = H2O(4).open(model)
-        >>> _ = session.prefill(model.to_tokens("abcdefghij"))
-        >>> kept = session.held_positions()[1]  # layer 1: [batch, n_kv_heads, kept]
+        >>> with H2O(4).make_cache(model) as cache:
+        ...     _ = model(model.to_tokens("abcdefghij"), past_key_values=cache)
+        >>> kept = cache.held_positions()[1]  # layer 1: [batch, n_kv_heads, kept]
         >>> tuple(kept.shape), kept[..., -2:].unique().tolist()  # the 2 most recent: 9, 10
         ((1, 2, 4), [9, 10])
     """

@@ -1,41 +1,56 @@
-"""NoCache: no K/V kept at all; every step recomputes the whole sequence from the tokens."""
+"""NoCache: no K/V kept at all; every forward recomputes the K/V of everything before it.
+
+As a ``transformers`` cache it keeps only the token ids it has been fed. When a forward
+claims it, the ids seen so far are run through the model again (one forward, user hooks
+muted, stopped before the unembedding) into a fresh cache of the model's own layers; the
+forward's new tokens attend to those and the K/V are dropped when it ends. So the tokens are
+the from-scratch recomputation's; only the past is recomputed as one chunk apart from the new
+tokens.
+"""
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._bridge import n_kv_heads, nbytes
-from residkit.policies.base import CachePolicy, CacheSession
+from residkit._bridge import kv_bytes, nbytes, new_cache, replay_cache
+from residkit.policies.base import CachePolicy, PolicyCache
 
-__all__ = ["NoCache"]
+__all__ = ["NoCache", "RecomputeAllCache"]
 
 
-class _NoCacheSession(CacheSession):
-    def __init__(self, model: TransformerBridge) -> None:
-        super().__init__(model)
-        self.tokens: Tensor | None = None
+class RecomputeAllCache(PolicyCache):
+    """Token ids only; each forward's past K/V replayed from them (see the module docstring)."""
 
-    def _run(self) -> Tensor:
-        assert self.tokens is not None
-        cfg = self.model.cfg
-        # Kept: the token ids. Alive during a forward: one layer's K/V of the whole sequence.
-        one_layer = self.tokens.shape[1] * 2 * n_kv_heads(self.model) * cfg.d_head
-        one_layer *= next(self.model.parameters()).element_size()
-        self.memory.record(0, nbytes(self.tokens), one_layer)
-        return self.model(self.tokens)[:, -1]
+    def __init__(self, model: TransformerBridge, policy: CachePolicy) -> None:
+        super().__init__(model, policy)
+        self.ids: Tensor | None = None
+        self.seen = 0
 
-    @torch.no_grad()
-    def prefill(self, tokens: Int[Tensor, "1 pos"]) -> Float[Tensor, "1 vocab"]:
-        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens], dim=1)
-        return self._run()
+    def begin_forward(self, ids: Tensor) -> None:
+        if self.ids is None:
+            self.layers = new_cache(self.model).layers
+        else:
+            self.layers = replay_cache(self.model, self.ids).layers
+
+    def end_forward(self) -> None:
+        now = self.forward_ids
+        assert now is not None
+        self.ids = now if self.ids is None else torch.cat([self.ids, now], dim=1)
+        self.seen = self.ids.shape[1]
+        self.memory.record(0, nbytes(self.ids), kv_bytes(self))
+        self.layers = new_cache(self.model).layers  # nothing is kept between forwards
+
+    def get_seq_length(self, *args: Any, **kwargs: Any) -> int:
+        self._claim()
+        return self.seen
 
 
 @dataclass(frozen=True)
 class NoCache(CachePolicy):
-    """Recompute everything from scratch every step, with no ``past_key_values``.
+    """Keep no K/V: every forward recomputes the past's from the token ids.
 
     Examples:
         >>> import residkit
@@ -48,5 +63,9 @@ class NoCache(CachePolicy):
 
     name = "none"
 
-    def open(self, model: TransformerBridge) -> CacheSession:
-        return _NoCacheSession(model)
+    @classmethod
+    def for_budget(cls, budget: int) -> "NoCache":
+        return cls()  # keeps nothing, whatever the budget
+
+    def make_cache(self, model: TransformerBridge) -> RecomputeAllCache:
+        return RecomputeAllCache(model, self)

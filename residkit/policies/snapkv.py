@@ -96,9 +96,9 @@ class SnapKV(EvictionPolicy):
         >>> import residkit
         >>> from residkit.policies.snapkv import SnapKV
         >>> model = residkit.load("zoo:llama")
-        >>> session = SnapKV(6, window_size=2).open(model)
-        >>> _ = session.prefill(model.to_tokens("abcdefghij"))
-        >>> kept = session.held_positions()[1]
+        >>> with SnapKV(6, window_size=2).make_cache(model) as cache:
+        ...     _ = model(model.to_tokens("abcdefghij"), past_key_values=cache)
+        >>> kept = cache.held_positions()[1]
         >>> tuple(kept.shape), kept[..., -2:].unique().tolist()  # the window: 9, 10
         ((1, 2, 6), [9, 10])
     """
@@ -117,6 +117,12 @@ class SnapKV(EvictionPolicy):
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size!r}")
         choice("pooling", self.pooling, SNAPKV_POOLING)
         choice("decode rule", self.decode, SNAPKV_DECODE)
+
+    @classmethod
+    def for_budget(cls, budget: int) -> "SnapKV":
+        """At small budgets an observation window of ``min(32, budget // 2)`` queries (at least
+        1): with the paper's 32, a budget <= 32 would keep exactly what Window keeps."""
+        return cls(budget, window_size=max(1, min(32, budget // 2)))
 
     def summarize(self, pattern: Float[Tensor, "batch n_heads q k"]) -> Tensor:
         return pattern[:, :, -self.window_size :].clone()  # only the observation window votes

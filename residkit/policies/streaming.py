@@ -62,9 +62,9 @@ class StreamingLLM(EvictionPolicy):
         >>> import residkit
         >>> from residkit.policies.streaming import StreamingLLM
         >>> model = residkit.load("zoo:llama")
-        >>> session = StreamingLLM(6, n_sink=2).open(model)
-        >>> _ = session.prefill(model.to_tokens("abcdefghij"))
-        >>> held = session.held_positions()[0]
+        >>> with StreamingLLM(6, n_sink=2).make_cache(model) as cache:
+        ...     _ = model(model.to_tokens("abcdefghij"), past_key_values=cache)
+        >>> held = cache.held_positions()[0]
         >>> held[0, 0].tolist()
         [0, 1, 7, 8, 9, 10]
     """
@@ -80,6 +80,12 @@ class StreamingLLM(EvictionPolicy):
                 f"budget={self.budget} is smaller than n_sink={self.n_sink}: the budget "
                 "includes the sinks"
             )
+
+    @classmethod
+    def for_budget(cls, budget: int) -> "StreamingLLM":
+        """At small budgets, ``min(4, budget // 2)`` sinks, so half the budget follows each rule
+        (the paper's 4 sinks would leave a budget of 4 nothing but sinks)."""
+        return cls(budget, n_sink=min(4, budget // 2))
 
     def select(
         self, layer: EvictionLayer, pattern: Tensor | None, n_new: int, n_kv_heads: int
