@@ -94,7 +94,9 @@ def main() -> int:
             tokens[name] = toks
     ref_name = "DynamicCache (reference)"
     ref = statistics.median(times[ref_name])
-    print("| cache in transformers' generate | median s | tokens/s | ratio to reference | tokens equal |")
+    print(
+        "| cache in transformers' generate | median s | tokens/s | ratio to reference | tokens equal |"
+    )
     print("|---|---|---|---|---|")
     ok = True
     for name, ts in times.items():

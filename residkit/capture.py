@@ -33,9 +33,9 @@ Inputs = str | Sequence[str] | Tensor
 
 
 def to_tokens(
-    model: TransformerBridge, inputs: Inputs, *, extra: int = 0
+    model: TransformerBridge, prompt: Inputs, *, extra: int = 0
 ) -> Int[Tensor, "batch pos"]:
-    """Token ids for ``inputs`` on the model's device, always 2-D, checked.
+    """Token ids for ``prompt`` on the model's device, always 2-D, checked.
 
     Strings are tokenised as the model's tokenizer does with its defaults (see
     :func:`residkit.load`), never truncated. A list of strings of different token lengths is
@@ -43,22 +43,22 @@ def to_tokens(
 
     Args:
         model: A bridge from :func:`residkit.load`.
-        inputs: A prompt, a list of prompts, or integer token ids ``[batch, pos]`` / ``[pos]``.
+        prompt: A prompt, a list of prompts, or integer token ids ``[batch, pos]`` / ``[pos]``.
         extra: Tokens the caller will add after these (decoding); counted against the context.
 
     Raises:
-        TypeError: ``inputs`` is none of those (None, a number, a list of non-strings), or a
+        TypeError: ``prompt`` is none of those (None, a number, a list of non-strings), or a
             float tensor.
         ValueError: an empty prompt or list, a tensor of more than 2 dims, ids outside the
             vocabulary, or more tokens than the model's context holds.
     """
-    if isinstance(inputs, Tensor):
-        if inputs.is_floating_point() or inputs.is_complex() or inputs.dtype == torch.bool:
-            raise TypeError(f"token ids must be an integer tensor, got dtype {inputs.dtype}")
-        tokens = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
+    if isinstance(prompt, Tensor):
+        if prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor, got dtype {prompt.dtype}")
+        tokens = prompt.unsqueeze(0) if prompt.ndim == 1 else prompt
         if tokens.ndim != 2:
             raise ValueError(
-                f"token tensor must be [batch, pos] or [pos], got shape {tuple(inputs.shape)}"
+                f"token tensor must be [batch, pos] or [pos], got shape {tuple(prompt.shape)}"
             )
         if tokens.numel():
             low, high = int(tokens.min()), int(tokens.max())
@@ -67,17 +67,17 @@ def to_tokens(
                 bad = low if low < 0 else high
                 raise ValueError(f"token id {bad} is outside the vocabulary 0..{vocab - 1}")
     else:
-        if isinstance(inputs, str):
-            prompts = [inputs]
-        elif isinstance(inputs, Sequence) and all(isinstance(p, str) for p in inputs):
-            prompts = list(inputs)
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, Sequence) and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
         else:
             raise TypeError(
-                "inputs must be a string, a list of strings or an integer token tensor, "
-                f"got {inputs!r:.80} ({type(inputs).__name__})"
+                "prompt must be a string, a list of strings or an integer token tensor, "
+                f"got {prompt!r:.80} ({type(prompt).__name__})"
             )
         if not prompts:
-            raise ValueError("inputs is an empty list of prompts")
+            raise ValueError("prompt is an empty list of prompts")
         if any(p == "" for p in prompts):
             raise ValueError("empty prompt: residkit needs at least one character of text")
         tokens = model.to_tokens(prompts if len(prompts) > 1 else prompts[0], truncate=False)
@@ -136,7 +136,7 @@ def _keep(store: dict[Any, Any], key: Any, act: Tensor, hook: object) -> None:
 @torch.no_grad()
 def capture_residuals(
     model: TransformerBridge,
-    inputs: Inputs,
+    prompt: Inputs,
     *,
     layers: Sequence[int] | None = None,
 ) -> Float[Tensor, "layer batch pos d_model"]:
@@ -144,7 +144,7 @@ def capture_residuals(
 
     Args:
         model: A bridge from :func:`residkit.load`.
-        inputs: A prompt, list of prompts or token tensor.
+        prompt: A prompt, list of prompts or token tensor.
         layers: Residual layers to keep, in ``0..n_layers`` (``n_layers`` = after the last
             block). Default: all ``n_layers + 1``.
 
@@ -153,7 +153,7 @@ def capture_residuals(
         saw, so they equal ``run_with_cache`` bitwise.
 
     Raises:
-        TypeError: not a model, inputs of the wrong type, a layer that is not an int.
+        TypeError: not a model, prompt of the wrong type, a layer that is not an int.
         ValueError: empty prompt, ids outside the vocabulary, more tokens than the context,
             or a layer out of range.
 
@@ -165,7 +165,7 @@ def capture_residuals(
     """
     spec = spec_for(model)
     wanted = check_layers(model, layers)
-    tokens = to_tokens(model, inputs)
+    tokens = to_tokens(model, prompt)
     n = model.cfg.n_layers
     store: dict[int, Tensor] = {}
     # Keyed by layer: the bridge reports canonical names (hook_in), not the alias we asked.

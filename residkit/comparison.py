@@ -157,12 +157,12 @@ def _scoped(policy: CachePolicy, scope: str) -> CachePolicy:
     return dataclasses.replace(policy, scope=scope)  # type: ignore[call-arg]
 
 
-def _prompt_list(prompts: str | Tensor | Sequence[str | Tensor]) -> list[str | Tensor]:
-    if not isinstance(prompts, str | Tensor | Sequence):
-        raise TypeError(f"prompts must be a prompt or a list of prompts, got {prompts!r:.80}")
-    items = [prompts] if isinstance(prompts, str | Tensor) else list(prompts)
+def _prompt_list(prompt: str | Tensor | Sequence[str | Tensor]) -> list[str | Tensor]:
+    if not isinstance(prompt, str | Tensor | Sequence):
+        raise TypeError(f"prompt must be a prompt or a list of prompts, got {prompt!r:.80}")
+    items = [prompt] if isinstance(prompt, str | Tensor) else list(prompt)
     if not items:
-        raise ValueError("prompts is empty; pass a prompt or a list of prompts")
+        raise ValueError("prompt is an empty list; pass a prompt or a list of prompts")
     return items
 
 
@@ -170,7 +170,7 @@ def _prompt_list(prompts: str | Tensor | Sequence[str | Tensor]) -> list[str | T
 @torch.no_grad()
 def compare_policies(
     model: TransformerBridge,
-    prompts: str | Tensor | Sequence[str | Tensor],
+    prompt: str | Tensor | Sequence[str | Tensor],
     *,
     budgets: Sequence[int],
     policies: Sequence[str | PolicyFactory] | None = None,
@@ -185,7 +185,7 @@ def compare_policies(
 
     Args:
         model: A bridge from :func:`residkit.load`.
-        prompts: One prompt or a list (strings or token ids).
+        prompt: One prompt or a list of them (strings or token ids).
         budgets: K/V budgets (tokens per global layer), each a non-negative int.
         policies: Policy names (:func:`~residkit.policies.resolve_policy`) or callables
             ``budget -> CachePolicy``; default :data:`BASELINES` (the five eviction baselines
@@ -230,7 +230,7 @@ def compare_policies(
     for b in budgets:
         non_negative_int("budget", b)
     factories = _resolve(policies)
-    items = _prompt_list(prompts)
+    items = _prompt_list(prompt)
     # Build every policy first, so a bad (policy, budget) pair fails before any decoding.
     grid = [
         [_scoped(factory(b), scope) if name else factory(b) for b in budgets]

@@ -201,8 +201,8 @@ class KVReport:
 
 
 @entry
-def model_kv_cache(model: TransformerBridge, tokens: Inputs) -> Any:
-    """The K/V the model itself stores for ``tokens`` (a prompt or ids of one sequence): one
+def model_kv_cache(model: TransformerBridge, prompt: Inputs) -> Any:
+    """The K/V the model itself stores for ``prompt`` (text or ids of one sequence): one
     full-cache forward, returning the
     ``transformers.DynamicCache`` it filled (keys and values ``[1, n_kv_heads, pos, d_head]``
     per layer).
@@ -217,7 +217,7 @@ def model_kv_cache(model: TransformerBridge, tokens: Inputs) -> Any:
         >>> cache.get_seq_length() == model.to_tokens("abc").shape[1]
         True
     """
-    ids = to_tokens(model, tokens)
+    ids = to_tokens(model, prompt)
     if ids.shape[0] != 1:
         raise ValueError(f"model_kv_cache takes one sequence, got a batch of {ids.shape[0]}")
     cache = new_cache(model)
@@ -240,7 +240,7 @@ def _append(store: dict[str, list[Tensor]], name: str, act: Tensor, hook: object
 @torch.no_grad()
 def kv_reconstruction_report(
     model: TransformerBridge,
-    inputs: Inputs,
+    prompt: Inputs,
     *,
     mode: Mode = "exact",
     decode_steps: int = 0,
@@ -256,7 +256,7 @@ def kv_reconstruction_report(
 
     Args:
         model: A bridge from :func:`residkit.load`.
-        inputs: One prompt.
+        prompt: One prompt.
         mode: ``"exact"``: each original chunk (the prompt, then each decoded token) recomputed
             with its original shape, bitwise. ``"fast"``: all positions in one call.
         decode_steps: Greedy tokens decoded after the prompt, each a chunk of one.
@@ -270,7 +270,7 @@ def kv_reconstruction_report(
     choice("mode", mode, MODES)
     non_negative_int("decode_steps", decode_steps)
     spec = spec_for(model)
-    tokens = to_tokens(model, inputs, extra=decode_steps)
+    tokens = to_tokens(model, prompt, extra=decode_steps)
     if tokens.shape[0] != 1:
         raise ValueError(
             f"kv_reconstruction_report takes one prompt, got a batch of {tokens.shape[0]}"
@@ -341,7 +341,7 @@ def kv_reconstruction_report(
 @torch.no_grad()
 def gemm_shape_finding(
     model: TransformerBridge,
-    inputs: Inputs,
+    prompt: Inputs,
     *,
     layer: int = 0,
     threads: Sequence[int] = (1, 2),
@@ -355,7 +355,7 @@ def gemm_shape_finding(
     Returns:
         One row per thread count: positions, positions_differing, max_abs_err.
     """
-    tokens = to_tokens(model, inputs)
+    tokens = to_tokens(model, prompt)
     resid = capture_residuals(model, tokens, layers=[layer])[0]
     pos = torch.arange(tokens.shape[1]).unsqueeze(0)
     before = torch.get_num_threads()

