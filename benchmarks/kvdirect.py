@@ -5,10 +5,10 @@ a 512-token prompt of random token ids, 64 greedy new tokens, budgets {32, 128, 
 
 **Lockstep pairing.** This host's speed drifts by up to 2x within minutes (a shared VM), so two
 runs one after the other do not see the same machine. Each KV-Direct configuration therefore
-runs in lockstep with a FullCache session: both are opened together and advanced one forward
+runs in lockstep with a FullCache cache: both are attached together and advanced one forward
 each in turn (which goes first alternates every step), and the K+V projection throughput is
 probed (best of 5 GEMMs at M = 512) right after every step. Every step has its own FullCache
-time and its own floor, measured within milliseconds of it. Both sessions are fed FullCache's
+time and its own floor, measured within milliseconds of it. Both caches are fed FullCache's
 greedy tokens, and the script asserts that KV-Direct picks the same token at every step (and,
 in exact mode, that its logits are ``torch.equal`` to FullCache's).
 
@@ -61,6 +61,7 @@ from transformers import AutoModelForCausalLM
 
 import residkit
 from residkit import KVDirect, zoo
+from residkit.generation.engine import next_logits
 from residkit.policies import FullCache, MemoryStats, NoCache
 from residkit.projector import KVProjector, project_rows, run_sizes
 
@@ -131,7 +132,7 @@ class GemmShapes:
 
 @dataclass
 class Step:
-    """One forward of each session: seconds, the recompute inside it, the probe after it."""
+    """One forward of each cache: seconds, the recompute inside it, the probe after it."""
 
     ref_s: float
     kvd_s: float
@@ -157,36 +158,33 @@ def lockstep(
     model, prompt: torch.Tensor, n_new: int, policy: KVDirect, probe: Probe, name: str
 ) -> Run:
     """Decode ``n_new`` tokens with FullCache and ``policy`` side by side, one forward each."""
-    ref, kvd = FullCache().open(model), policy.open(model)
+    # Both caches attached at once: each acts only in the forwards given it.
+    ref, kvd = FullCache().make_cache(model), policy.make_cache(model)
     steps: list[Step] = []
     feed = prompt
-    try:
-        with GemmShapes() as shapes:
-            for s in range(n_new):
-                before = (kvd.memory.recompute_seconds, kvd.memory.recomputed_tokens)
-                logits, secs = {}, {}
-                order = [("ref", ref), ("kvd", kvd)]
-                for key, session in order if s % 2 == 0 else order[::-1]:
-                    t0 = time.perf_counter()
-                    logits[key] = session.prefill(feed) if s == 0 else session.step(feed)
-                    secs[key] = time.perf_counter() - t0
-                token = logits["ref"].argmax(-1)
-                assert torch.equal(logits["kvd"].argmax(-1), token), f"{name}: step {s} diverged"
-                if policy.mode == "exact":
-                    assert torch.equal(logits["kvd"], logits["ref"]), f"{name}: step {s} logits"
-                steps.append(
-                    Step(
-                        secs["ref"],
-                        secs["kvd"],
-                        kvd.memory.recompute_seconds - before[0],
-                        kvd.memory.recomputed_tokens - before[1],
-                        probe(),
-                    )
+    with ref, kvd, GemmShapes() as shapes:
+        for s in range(n_new):
+            before = (kvd.memory.recompute_seconds, kvd.memory.recomputed_tokens)
+            logits, secs = {}, {}
+            order = [("ref", ref), ("kvd", kvd)]
+            for key, cache in order if s % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                logits[key] = next_logits(model, feed, cache)
+                secs[key] = time.perf_counter() - t0
+            token = logits["ref"].argmax(-1)
+            assert torch.equal(logits["kvd"].argmax(-1), token), f"{name}: step {s} diverged"
+            if policy.mode == "exact":
+                assert torch.equal(logits["kvd"], logits["ref"]), f"{name}: step {s} logits"
+            steps.append(
+                Step(
+                    secs["ref"],
+                    secs["kvd"],
+                    kvd.memory.recompute_seconds - before[0],
+                    kvd.memory.recomputed_tokens - before[1],
+                    probe(),
                 )
-                feed = token.view(1, 1)
-    finally:
-        ref.close()
-        kvd.close()
+            )
+            feed = token.view(1, 1)
     return Run(name, steps, kvd.memory, ref.memory, shapes.counts)
 
 
