@@ -90,7 +90,7 @@ class PolicyComparison:
         ``peak_active_kv_bytes`` and ``peak_checkpoint_bytes`` (largest over prompts)."""
         return pd.DataFrame(self.rows)
 
-    def figure(self, title: str = "Eviction baselines vs KV-Direct") -> go.Figure:
+    def figure(self, *, title: str | None = None) -> go.Figure:
         """Heatmaps over (budget, policy), like the paper's Figure 4: token match (%) on top,
         then each KL that was measured (teacher-forced, free-running)."""
         table = self.table
@@ -125,7 +125,9 @@ class PolicyComparison:
                 col=1,
             )
         fig.update_xaxes(title_text="K/V budget (tokens per managed layer)", type="category")
-        fig.update_layout(title=title, height=260 * len(panels) + 60)
+        fig.update_layout(
+            title=title or "Eviction baselines vs KV-Direct", height=260 * len(panels) + 60
+        )
         return fig
 
 

@@ -57,7 +57,7 @@ class Frontier:
         time_vs_full."""
         return pd.DataFrame(self.rows)
 
-    def figure(self) -> go.Figure:
+    def figure(self, *, title: str | None = None) -> go.Figure:
         """Bytes against recompute (or measured step time), the Pareto front joined."""
         t = self.table
         timed = "time_vs_full" in t
@@ -74,7 +74,8 @@ class Frontier:
             marker={"color": "#c0392b", "size": 9},
         )  # fmt: skip
         fig.update_layout(
-            title=f"{self.model}: exact plans at {self.context} tokens, budget {self.budget}",
+            title=title
+            or f"{self.model}: exact plans at {self.context} tokens, budget {self.budget}",
             xaxis_title="bytes held (MB, float32)",
             yaxis_title="decode step time / full cache" if timed else "recompute GFLOPs / token",
             height=480,

@@ -123,14 +123,15 @@ class MarkovReport:
         df["align"] = self.align or "none (equal lengths)"
         return df
 
-    def figure(self) -> go.Figure:
+    def figure(self, *, title: str | None = None) -> go.Figure:
         """KL per layer: the patched run (0 everywhere when it holds) vs the unpatched control."""
         df = self.table
         fig = go.Figure()
         fig.add_bar(x=df["layer"], y=df["control_kl"], name="control: KL(source || target)")
         fig.add_bar(x=df["layer"], y=df["kl"], name="KL(source || patched)")
         fig.update_layout(
-            title=f"Residual Markov test{f' on {self.model_name}' if self.model_name else ''}: "
+            title=title
+            or f"Residual Markov test{f' on {self.model_name}' if self.model_name else ''}: "
             f"{'holds' if self.passed else 'does not hold'}",
             xaxis_title="patched residual layer (n_layers = final)",
             yaxis_title="max KL over positions (nats)",
@@ -318,7 +319,7 @@ class CrossTaskReport:
             frames.append(df)
         return pd.concat(frames, ignore_index=True)
 
-    def figure(self) -> go.Figure:
+    def figure(self, *, title: str | None = None) -> go.Figure:
         """Two heatmaps over (task pair, layer): control KL and patched KL."""
         df = self.table
         df["pair"] = df["source_task"] + " → " + df["target_task"]
@@ -341,7 +342,7 @@ class CrossTaskReport:
                 col=col,
             )
         fig.update_layout(
-            title="Cross-task residual patching at every layer",
+            title=title or "Cross-task residual patching at every layer",
             coloraxis={"colorscale": "Magma"},
             height=max(400, 22 * df["pair"].nunique()),
         )

@@ -126,7 +126,7 @@ class RequantisationEffect:
         """Largest change of any head's effective rank."""
         return int(self.table["delta"].abs().max())
 
-    def figure(self) -> go.Figure:
+    def figure(self, *, title: str | None = None) -> go.Figure:
         """Rank before vs after, one dot per (layer, head); dots on the diagonal did not move."""
         df = self.table
         top = self.original.d_head
@@ -143,7 +143,8 @@ class RequantisationEffect:
             name="heads",
         )
         fig.update_layout(
-            title=f"{self.original.model_name}: effective rank at {self.energy:.0%} energy, "
+            title=title
+            or f"{self.original.model_name}: effective rank at {self.energy:.0%} energy, "
             f"before vs after one more {self.qtype} round, blocks shifted by {self.shift} "
             f"(max |change| {self.max_abs_delta})",
             xaxis_title="rank (weights as loaded)",

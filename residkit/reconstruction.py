@@ -184,14 +184,15 @@ class KVReport:
         """One row per layer: equality flags and max |error| against hooks and the cache."""
         return pd.DataFrame(self.rows)
 
-    def figure(self) -> go.Figure:
+    def figure(self, *, title: str | None = None) -> go.Figure:
         """Max |recomputed - reference| per layer (0 plotted as 0: every bar absent = exact)."""
         df = self.table
         fig = go.Figure()
         for col in ("k_hook_max_err", "v_hook_max_err", "k_cache_max_err", "v_cache_max_err"):
             fig.add_bar(x=df["layer"], y=df[col], name=col.replace("_max_err", ""))
         fig.update_layout(
-            title=f"K/V from residuals, mode={self.mode} ({self.family}): "
+            title=title
+            or f"K/V from residuals, mode={self.mode} ({self.family}): "
             f"{'bitwise exact' if self.passed else 'not bitwise'}",
             xaxis_title="layer",
             yaxis_title="max |error|",

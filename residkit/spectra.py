@@ -245,11 +245,13 @@ class QKSpectra:
         """:meth:`effective_rank` at ``energy=0.9``."""
         return self.effective_rank(0.9)
 
-    def figure(self, energy: Any = 0.9, *, measure: str = "sigma2") -> go.Figure:
+    def figure(
+        self, *, title: str | None = None, energy: Any = 0.9, measure: str = "sigma2"
+    ) -> go.Figure:
         """Rank heatmap (layer x head); see :func:`residkit.viz.spectra.rank_heatmap`."""
         from residkit.viz.spectra import rank_heatmap
 
-        return rank_heatmap(self, energy, measure=measure)
+        return rank_heatmap(self, energy, measure=measure, title=title)
 
 
 def _model_name(model: TransformerBridge) -> str:

@@ -189,3 +189,50 @@ def test_a_stale_reference_is_caught(monkeypatch) -> None:
     found = stale_references()
     assert "residkit.policies.base: tests/test_nowhere.py" in found
     assert "residkit.policies.base: residkit._recompute" in found
+
+
+def figure_signature_faults(classes: list[type]) -> list[str]:
+    """Every ``figure`` method that is not ``figure(self, *, title=None, <keyword options>)``."""
+    import inspect
+
+    faults = []
+    for cls in classes:
+        params = list(inspect.signature(cls.figure).parameters.values())[1:]
+        if not params or params[0].name != "title" or params[0].default is not None:
+            faults.append(f"{cls.__qualname__}: first option is not title=None")
+        for p in params:
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY or p.default is inspect.Parameter.empty:
+                faults.append(f"{cls.__qualname__}: {p.name} is not keyword-only with a default")
+    return faults
+
+
+def result_classes() -> list[type]:
+    import importlib
+    import inspect
+
+    found: dict[str, type] = {}
+    for module in MODULES:
+        for _, obj in inspect.getmembers(importlib.import_module(module), inspect.isclass):
+            if obj.__module__.startswith("residkit") and callable(getattr(obj, "figure", None)):
+                found[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return list(found.values())
+
+
+def test_one_figure_signature() -> None:
+    classes = result_classes()
+    assert len(classes) >= 12, [c.__qualname__ for c in classes]
+    assert figure_signature_faults(classes) == []
+
+
+def test_a_second_figure_signature_is_caught() -> None:
+    """Negative control: a positional option and a missing title."""
+
+    class Positional:
+        def figure(self, energy: float = 0.9, *, title: str | None = None) -> None: ...
+
+    class Untitled:
+        def figure(self) -> None: ...
+
+    faults = figure_signature_faults([Positional, Untitled])
+    assert any("Positional" in f for f in faults)
+    assert any("Untitled" in f for f in faults)

@@ -213,7 +213,7 @@ def test_tables_and_figures(model_for) -> None:
     expected = table.groupby(["layer", "kv_head"])["rank"].agg(["mean", "max"]).reset_index()
     assert per_kv["mean_rank"].tolist() == expected["mean"].tolist()
     assert per_kv["max_rank"].tolist() == expected["max"].tolist()
-    fig = spectra.figure(0.9)
+    fig = spectra.figure(energy=0.9)
     assert fig.data[0].z.shape == (spectra.n_layers, spectra.n_heads)
     assert np.allclose(fig.data[0].z.flatten(), table["rank_fraction"])
     sv = spectra.singular_values.numpy()

@@ -205,7 +205,7 @@ class VerifyReport:
         df["passed"] = df["passed"].map({True: "PASS", False: "FAIL", None: "info"})
         return df
 
-    def figure(self) -> go.Figure:
+    def figure(self, *, title: str | None = None) -> go.Figure:
         """The table as a plotly table, claims coloured by outcome."""
         df = self.table
         colours = {True: "#d4edda", False: "#f8d7da", None: "#ffffff"}
@@ -225,5 +225,5 @@ class VerifyReport:
                 },
             )
         )
-        fig.update_layout(title=f"residkit verify: {self.model}")
+        fig.update_layout(title=title or f"residkit verify: {self.model}")
         return fig

@@ -52,7 +52,7 @@ def run(model: TransformerBridge, ctx: VerifyContext) -> list[Check]:
             f"mean effective rank per layer at 90% energy (of d_head={spectra.d_head})",
             ", ".join(f"L{layer}: {m:.1f}" for layer, m in enumerate(means)),
             None,
-            ctx.save(spectra.figure(0.9), "qk_rank_heatmap"),
+            ctx.save(spectra.figure(energy=0.9), "qk_rank_heatmap"),
         )
     )
     return rows

@@ -227,7 +227,7 @@ class Chat:
         columns = [f.name for f in fields(TurnMemory)]
         return pd.DataFrame([vars(t) for t in self._turns], columns=columns)
 
-    def figure(self) -> go.Figure:
+    def figure(self, *, title: str | None = None) -> go.Figure:
         """Active K/V and checkpoint bytes after each turn."""
         df = self.table
         fig = go.Figure()
@@ -238,7 +238,9 @@ class Chat:
             x=df["turn"], y=df["checkpoint_bytes"], name="checkpoints", mode="lines+markers"
         )
         fig.update_layout(
-            title=f"Chat memory per turn: {self.policy!r}", xaxis_title="turn", yaxis_title="bytes"
+            title=title or f"Chat memory per turn: {self.policy!r}",
+            xaxis_title="turn",
+            yaxis_title="bytes",
         )
         return fig
 

@@ -119,14 +119,14 @@ class Generation:
             df["logprob"] = logp.gather(1, self.tokens.view(-1, 1)).squeeze(1).tolist()
         return df
 
-    def figure(self) -> go.Figure:
+    def figure(self, *, title: str | None = None) -> go.Figure:
         """Bytes held after each forward: active K/V and checkpoints."""
         steps = list(range(len(self.stats.per_step)))
         fig = go.Figure()
         fig.add_scatter(x=steps, y=[a for a, _ in self.stats.per_step], name="active K/V")
         fig.add_scatter(x=steps, y=[c for _, c in self.stats.per_step], name="checkpoints")
         fig.update_layout(
-            title=f"Memory per step: {self.policy!r}",
+            title=title or f"Memory per step: {self.policy!r}",
             xaxis_title="forward (0 = prefill)",
             yaxis_title="bytes",
         )

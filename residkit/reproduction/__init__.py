@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import plotly.graph_objects as go
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -100,9 +101,38 @@ class Reproduction:
         lines.append(f"{len(self.table)} comparisons in {self.seconds:.0f} s: {summary}")
         return "\n".join(lines)
 
-    def figure(self, claim: str, index: int = 0):
-        """The ``index``-th figure of ``claim``."""
-        return next(r for r in self.results if r.claim == claim).figure(index)
+    def result(self, claim: str) -> ClaimResult:
+        """The measurement of one claim (its ``.figure(index=...)`` draws its figures)."""
+        for result in self.results:
+            if result.claim == claim:
+                return result
+        raise ValueError(f"claim={claim!r} was not run; this run has {self.claims}")
+
+    @property
+    def claims(self) -> list[str]:
+        """The claims this run measured, in order."""
+        return [r.claim for r in self.results]
+
+    def figure(self, *, title: str | None = None) -> go.Figure:
+        """Verdicts per claim: one stacked bar of comparisons per claim, coloured by verdict."""
+        counts = self.table.groupby(["claim", "verdict"]).size().unstack(fill_value=0)
+        counts = counts.reindex(self.claims)
+        colours = {"reproduced": "#2e7d32", "differs": "#c62828", "not applicable": "#9e9e9e"}
+        fig = go.Figure()
+        for verdict in counts.columns:
+            fig.add_bar(
+                x=counts.index,
+                y=counts[verdict],
+                name=str(verdict),
+                marker_color=colours.get(str(verdict), "#555"),
+            )
+        fig.update_layout(
+            barmode="stack",
+            title=title or f"residkit reproduce: {len(self.table)} comparisons",
+            xaxis_title="claim",
+            yaxis_title="comparisons",
+        )
+        return fig
 
     def sections(self) -> list[report.Section]:
         out = []
@@ -112,7 +142,7 @@ class Reproduction:
                     f"{result.claim}: {result.title}",
                     f"{describe(result.claim)} Measured in {result.seconds:.0f} s.",
                     result.table,
-                    [result.figure(i) for i in range(len(result.figures))],
+                    [result.figure(index=i) for i in range(len(result.figures))],
                 )
             )
         return out

@@ -84,9 +84,14 @@ class ClaimResult:
         """Whether every row reproduced the paper."""
         return all(r.verdict == REPRODUCED for r in self.rows)
 
-    def figure(self, index: int = 0) -> go.Figure:
-        """The claim's ``index``-th figure, drawn like the paper's."""
-        return pio.from_json(self.figures[index])
+    def figure(self, *, title: str | None = None, index: int = 0) -> go.Figure:
+        """The claim's ``index``-th figure (of ``len(self.figures)``), drawn like the paper's."""
+        if not 0 <= index < len(self.figures):
+            raise ValueError(f"index={index}: claim {self.claim!r} has {len(self.figures)} figures")
+        fig = pio.from_json(self.figures[index])
+        if title is not None:
+            fig.update_layout(title=title)
+        return fig
 
     def frame(self, name: str) -> pd.DataFrame:
         """One of the tables behind the figures."""

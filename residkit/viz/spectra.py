@@ -41,7 +41,13 @@ def _measure_label(measure: str) -> str:
     return f"energy ({SIGMA}\u00b2)" if measure == "sigma2" else f"\u03a3{SIGMA}"
 
 
-def rank_heatmap(spectra: QKSpectra, energy: Any = 0.9, *, measure: str = "sigma2") -> go.Figure:
+def rank_heatmap(
+    spectra: QKSpectra,
+    energy: Any = 0.9,
+    *,
+    measure: str = "sigma2",
+    title: str | None = None,
+) -> go.Figure:
     """Effective rank of every head's ``W_Q W_K^T``, as a layer x query-head heatmap.
 
     Colour is ``rank / d_head`` on a fixed 0..1 scale, so models of different head sizes
@@ -52,6 +58,7 @@ def rank_heatmap(spectra: QKSpectra, energy: Any = 0.9, *, measure: str = "sigma
         spectra: From :func:`residkit.spectra.qk_spectra`.
         energy: Share in ``[0, 1]`` (see :meth:`QKSpectra.effective_rank`).
         measure: ``"sigma2"`` or ``"sigma"``.
+        title: Replaces the default title (model, energy, measure).
 
     Raises:
         ValueError: bad energy or measure.
@@ -97,7 +104,8 @@ def rank_heatmap(spectra: QKSpectra, energy: Any = 0.9, *, measure: str = "sigma
         fig.add_vline(x=g * group - 0.5, line={"color": "white", "dash": "dot", "width": 1})
     fold = ", norm gain folded" if spectra.norm_folded else ""
     fig.update_layout(
-        title=(
+        title=title
+        or (
             f"{spectra.model_name}: effective rank of W_Q W_K^T at {e:.0%} "
             f"{_measure_label(measure)}{fold}"
         ),
