@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "kvdirect_frontier": "residkit.frontier",
     "Chat": "residkit.generation",
     "Generation": "residkit.generation",
+    "Generations": "residkit.generation",
     "generate": "residkit.generation",
     "generate_kvdirect": "residkit.generation",
     "ModelNotFoundError": "residkit.loading",
@@ -76,7 +77,7 @@ if TYPE_CHECKING:
     from residkit.checks import verify
     from residkit.comparison import PolicyComparison, compare_policies, kept_positions
     from residkit.frontier import kvdirect_frontier
-    from residkit.generation import Chat, Generation, generate, generate_kvdirect
+    from residkit.generation import Chat, Generation, Generations, generate, generate_kvdirect
     from residkit.loading import ModelNotFoundError, load
     from residkit.markov import CrossTaskReport, MarkovReport, cross_task_suite, markov_test
     from residkit.patching import PatchingSweep, patch_residual, patching_sweep
@@ -106,6 +107,7 @@ __all__ = [
     "CrossTaskReport",
     "FullCache",
     "Generation",
+    "Generations",
     "KVDirect",
     "KVReport",
     "MarkovReport",

@@ -48,7 +48,7 @@ from residkit._entry import entry
 from residkit._validate import choice, non_negative_int, positive_int
 from residkit.architectures import SCOPES, Scope, spec_for
 from residkit.capture import to_tokens
-from residkit.generation.engine import Generation, decode_loop, generate, next_logits
+from residkit.generation.engine import Generation, Generations, decode_loop, generate, next_logits
 from residkit.generation.engine import prefill as prefill_cache
 from residkit.generation.sampling import Sampler
 from residkit.metrics import kl_divergence
@@ -159,6 +159,32 @@ def _scoped(policy: CachePolicy, scope: str) -> CachePolicy:
     return dataclasses.replace(policy, scope=scope)  # type: ignore[call-arg]
 
 
+def _stack(rows: list[Generation]) -> Tensor:
+    return torch.stack([r.tokens for r in rows])
+
+
+def _step_rows(
+    label: str,
+    budget: int,
+    prompt: int,
+    ref: Generation,
+    free: Generation,
+    forced: list[Generation] | None,
+    along: list[Generation] | None,
+    j: int,
+) -> list[dict[str, object]]:
+    """One row per decoded step of one prompt: token match and the KLs that were measured."""
+    nan = [float("nan")] * len(free.tokens)
+    teacher = nan if forced is None else kl_divergence(_logits(ref), _logits(forced[j])).tolist()
+    free_kl = nan if along is None else kl_divergence(_logits(along[j]), _logits(free)).tolist()
+    match = (free.tokens == ref.tokens).tolist()
+    return [
+        {"policy": label, "budget": budget, "prompt": prompt, "step": t, "match": m, "kl": k,
+         "free_kl": f}
+        for t, (m, k, f) in enumerate(zip(match, teacher, free_kl, strict=True))
+    ]  # fmt: skip
+
+
 def _prompt_list(prompt: str | Tensor | Sequence[str | Tensor]) -> list[str | Tensor]:
     if not isinstance(prompt, str | Tensor | Sequence):
         raise TypeError(f"prompt must be a prompt or a list of prompts, got {prompt!r:.80}")
@@ -179,6 +205,7 @@ def compare_policies(
     max_new_tokens: int = 32,
     kl: Literal["teacher", "free", "both"] = "teacher",
     scope: Scope = "global",
+    batch_size: int = 1,
     progress: bool = True,
 ) -> PolicyComparison:
     """Token match (%) and KL against the full cache, per policy and budget.
@@ -197,6 +224,9 @@ def compare_policies(
             ``"free"`` or ``"both"`` (one more full-cache scoring run then).
         scope: Layers a named policy manages: ``"global"`` (default; sliding-window layers
             keep the model's own window) or ``"all"`` (see :class:`~residkit.policies.KVDirect`).
+        batch_size: Prompts decoded together (left padded; each row decodes as its prompt
+            alone up to the last bits of the logits, ``tests/test_batch.py``). Memory columns
+            are then per row.
         progress: Show a tqdm bar.
 
     Returns:
@@ -231,8 +261,12 @@ def compare_policies(
         raise ValueError("budgets is empty; pass at least one K/V budget")
     for b in budgets:
         non_negative_int("budget", b)
+    positive_int("batch_size", batch_size)
     factories = _resolve(policies)
     items = _prompt_list(prompt)
+    if batch_size > 1 and any(isinstance(p, Tensor) for p in items):
+        raise ValueError("batch_size > 1 takes prompts as strings (each is tokenised, then padded)")
+    groups = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     # Build every policy first, so a bad (policy, budget) pair fails before any decoding.
     grid = [
         [_scoped(factory(b), scope) if name else factory(b) for b in budgets]
@@ -245,19 +279,20 @@ def compare_policies(
         labels.append(f"{base}#{n + 1}" if n else base)  # two H2O variants: h2o, h2o#2
 
     def run(
-        prompt: str | Tensor, policy: CachePolicy | str = "full", forced: Tensor | None = None
-    ) -> Generation:
-        return generate(
+        group: list[str | Tensor], policy: CachePolicy | str = "full", forced: Tensor | None = None
+    ) -> list[Generation]:
+        out = generate(
             model,
-            prompt,
+            group if len(group) > 1 else group[0],
             max_new_tokens=max_new_tokens,
             policy=policy,
             return_logits=True,
             stop_at_eos=False,
             forced_tokens=forced,
         )
+        return list(out) if isinstance(out, Generations) else [out]
 
-    refs = [run(p) for p in items]
+    refs = [run(g) for g in groups]
     steps: list[dict[str, object]] = []
     rows: list[dict[str, object]] = []
     bar = tqdm(total=len(grid) * len(budgets) * len(items), disable=not progress, desc="policies")
@@ -265,35 +300,29 @@ def compare_policies(
         for budget, policy in zip(budgets, row, strict=True):
             peak_kv = peak_ckpt = 0
             cell: list[dict[str, object]] = []
-            for i, (prompt, ref) in enumerate(zip(items, refs, strict=True)):
-                free = run(prompt, policy)
-                same = torch.equal(free.tokens, ref.tokens)
+            for first, group, ref_rows in zip(
+                range(0, len(items), batch_size), groups, refs, strict=True
+            ):
+                free_rows = run(group, policy)
+                same = all(
+                    torch.equal(f.tokens, r.tokens)
+                    for f, r in zip(free_rows, ref_rows, strict=True)
+                )
                 # Same tokens fed means the same forwards: the free run is the forced run, and
                 # the full cache along the policy's text is the reference itself.
-                nan = [float("nan")] * len(free.tokens)
-                teacher = free_kl = nan
+                forced_rows = along_rows = None
                 if kl in ("teacher", "both"):
-                    forced = free if same else run(prompt, policy, ref.tokens)
-                    teacher = kl_divergence(_logits(ref), _logits(forced)).tolist()
+                    forced_rows = free_rows if same else run(group, policy, _stack(ref_rows))
                 if kl in ("free", "both"):
-                    along = ref if same else run(prompt, "full", free.tokens)
-                    free_kl = kl_divergence(_logits(along), _logits(free)).tolist()
-                match = (free.tokens == ref.tokens).tolist()
-                cell += [
-                    {
-                        "policy": label,
-                        "budget": budget,
-                        "prompt": i,
-                        "step": t,
-                        "match": m,
-                        "kl": k,
-                        "free_kl": f,
-                    }
-                    for t, (m, k, f) in enumerate(zip(match, teacher, free_kl, strict=True))
-                ]
-                peak_kv = max(peak_kv, free.stats.peak_active_kv_bytes)
-                peak_ckpt = max(peak_ckpt, free.stats.peak_checkpoint_bytes)
-                bar.update()
+                    along_rows = ref_rows if same else run(group, "full", _stack(free_rows))
+                for j, (ref, free) in enumerate(zip(ref_rows, free_rows, strict=True)):
+                    cell += _step_rows(
+                        label, budget, first + j, ref, free, forced_rows, along_rows, j
+                    )
+                stats = free_rows[0].stats  # the batch's; every row holds the same shapes
+                peak_kv = max(peak_kv, stats.peak_active_kv_bytes // len(group))
+                peak_ckpt = max(peak_ckpt, stats.peak_checkpoint_bytes // len(group))
+                bar.update(len(group))
             steps += cell
             df = pd.DataFrame(cell)
             per_prompt = 100.0 * df.groupby("prompt")["match"].mean()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,15 @@ def _check_folder(path: Path, allow_pickle: bool) -> None:
         )
 
 
-def _load_hf(target: str, dtype: torch.dtype, trust_remote_code: bool, allow_pickle: bool) -> Any:
-    """The HF model, from safetensors only (unless allowed), every tensor accounted for."""
+def _load_hf(
+    target: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+    placement: dict[str, Any] | None = None,
+) -> Any:
+    """The HF model, from safetensors only (unless allowed), every tensor accounted for;
+    ``placement`` (``device_map``, ``offload_folder``) goes to accelerate's dispatch."""
     from transformers import AutoModelForCausalLM
 
     loaded: Any = AutoModelForCausalLM.from_pretrained(
@@ -75,6 +83,7 @@ def _load_hf(target: str, dtype: torch.dtype, trust_remote_code: bool, allow_pic
         trust_remote_code=trust_remote_code,
         use_safetensors=None if allow_pickle else True,
         output_loading_info=True,
+        **(placement or {}),
     )
     model, info = loaded
     problems = {
@@ -155,6 +164,30 @@ def _use_default_tokenizer(model: TransformerBridge, tokenizer: Any) -> None:
     set_tokenizer(model, tokenizer, prepends_bos=prepends)
 
 
+def _placement(
+    device: Any, device_map: Any, offload_folder: str | os.PathLike[str] | None
+) -> dict[str, Any] | None:
+    """accelerate's keyword arguments for ``device_map`` (None without one), checked."""
+    if device_map is None:
+        if offload_folder is not None:
+            raise ValueError("offload_folder goes with a device_map that has 'disk' entries")
+        return None
+    if device is not None:
+        raise ValueError(
+            f"pass device={device!r} or device_map=..., not both: a device map places each layer"
+        )
+    if not isinstance(device_map, str | dict):
+        raise TypeError(f"device_map must be a string or a dict, got {device_map!r:.80}")
+    placement: dict[str, Any] = {"device_map": device_map}
+    if isinstance(device_map, dict) and "disk" in device_map.values():
+        if offload_folder is None:
+            offload_folder = tempfile.mkdtemp(prefix="residkit-offload-")
+        placement["offload_folder"] = os.fspath(offload_folder)
+    elif offload_folder is not None:
+        placement["offload_folder"] = os.fspath(offload_folder)
+    return placement
+
+
 def load(
     name_or_path: str | os.PathLike[str],
     *,
@@ -162,6 +195,8 @@ def load(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, str | int] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> TransformerBridge:
     """Boot a causal LM as a ``TransformerBridge``.
 
@@ -181,6 +216,13 @@ def load(
         trust_remote_code: Passed to transformers; off unless you ask.
         allow_pickle: Also load pickle-based weights (``pytorch_model.bin``); off unless you
             ask, since unpickling can run arbitrary code.
+        device_map: A model larger than one device: accelerate's placement (``"auto"``, or a
+            dict from module names such as ``"model.layers.3"`` to a GPU index, ``"cpu"`` or
+            ``"disk"``), applied when transformers loads the weights, the path TransformerLens's
+            bridge takes for a dispatched model. Each layer then runs, and every residkit
+            policy recomputes its K/V, on that layer's device. Not with ``device``.
+        offload_folder: Where ``"disk"`` layers' weights are kept (default: a new temporary
+            folder under the system's temporary directory).
 
     Returns:
         The bridge, in eval mode.
@@ -222,7 +264,8 @@ def load(
     if folder is not None:
         _check_folder(folder, allow_pickle)
     target = str(folder) if folder is not None else name
-    hf = _load_hf(target, dtype, trust_remote_code, allow_pickle)
+    placement = _placement(device, device_map, offload_folder)
+    hf = _load_hf(target, dtype, trust_remote_code, allow_pickle, placement)
     if device is not None:
         hf = hf.to(device)
     tokenizer = _default_tokenizer(target, trust_remote_code)

@@ -33,6 +33,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
@@ -47,6 +48,7 @@ from residkit._bridge import (
     hf_model,
     hook_points,
     linear,
+    materialized,
     muted,
     native_norm,
     replaced_forward,
@@ -117,8 +119,14 @@ def project_rows(linear: nn.Module, x: Tensor, start: int, length: int) -> Tenso
         return out.reshape(1, rows, -1)
     if run:
         return torch.cat([project_rows(linear, x, start + i, 1) for i in range(rows)], dim=-2)
-    if piece.data_ptr() % _ALIGN:
+    if not piece.is_contiguous():  # rows of a batch: the forward's input was a fresh tensor
+        piece = piece.contiguous()
+    elif piece.data_ptr() % _ALIGN:
         piece = piece.clone()
+    if type(linear) is nn.Linear:
+        # nn.Linear's own forward, minus its call hooks: an offloaded layer's weights stay
+        # materialised for the whole recompute instead of going back to disk after each call.
+        return F.linear(piece, linear.weight, linear.bias)
     return linear(piece)
 
 
@@ -147,7 +155,8 @@ class _Projection:
         if self.sizes is None:
             out = self.linear(x)
         else:
-            pieces = [project_rows(self.linear, x, s, n) for s, n in self.sizes]
+            with materialized(self.linear):  # project_rows reads the weight itself
+                pieces = [project_rows(self.linear, x, s, n) for s, n in self.sizes]
             out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-2)
         if self.record is not None:
             self.record.append(out.unflatten(-1, (-1, self.d_head)))

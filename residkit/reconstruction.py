@@ -297,13 +297,13 @@ def kv_reconstruction_report(
     total = sum(chunks)
     rows = []
     for layer in range(n):
-        resid = store[spec.resid_pre_hook.format(layer=layer)]
+        resid = torch.cat(store[spec.resid_pre_hook.format(layer=layer)], dim=1)
         # Exact: the original chunk shapes for the projections; fast: one GEMM.
         k, v, pre = recompute_layer(
             model,
             layer,
-            torch.cat(resid, dim=1),
-            torch.arange(total).unsqueeze(0),
+            resid,
+            torch.arange(total, device=resid.device).unsqueeze(0),
             chunks=chunks if mode == "exact" else None,
             pre_rotary_keys=spec.key_hook is None,
         )
@@ -358,7 +358,7 @@ def gemm_shape_finding(
     """
     tokens = to_tokens(model, prompt)
     resid = capture_residuals(model, tokens, layers=[layer])[0]
-    pos = torch.arange(tokens.shape[1]).unsqueeze(0)
+    pos = torch.arange(tokens.shape[1], device=resid.device).unsqueeze(0)
     before = torch.get_num_threads()
     rows = []
     try:

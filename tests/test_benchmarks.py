@@ -105,3 +105,20 @@ def test_hf_generate_benchmark_runs() -> None:
     out = _run("hf_generate.py", "--tiny", "--new", "4", "--runs", "1", "--budget", "4")
     assert "| FullCache |" in out and "FullCache hooks overhead" in out
     assert "| False |" not in out  # every cache's tokens equal the reference's
+
+
+def test_throughput_benchmark_runs() -> None:
+    out = _run("throughput.py", "--tiny")
+    assert "| 2 | kvdirect-layer |" in out and "batch 1 -> 2" in out
+
+
+def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path) -> None:
+    """Every section of the GPU script on the zoo, on the CPU; its JSON says it is not a GPU's."""
+    import json
+
+    out = _run("gpu.py", "--device", "cpu", "--tiny", "--out", str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["measured_on_gpu"] is False and "not measured on a GPU" in out
+    assert result["exactness"] and all(c["passed"] for c in result["exactness"])
+    assert {r["policy"] for r in result["decode_step"]["records"]} >= {"full", "kvdirect-token"}
+    assert result["per_operation"]["records"] and result["device_map"]["run"] is False

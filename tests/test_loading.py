@@ -58,3 +58,53 @@ def test_hub_id_resolves_from_local_cache(tmp_path, monkeypatch) -> None:
     model = residkit.load("acme/tiny-llama")
     assert model.cfg.n_layers == 4
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def _offloaded_map(n_layers: int) -> dict[str, str]:
+    placement = {name: "cpu" for name in ("model.embed_tokens", "model.norm", "lm_head")}
+    placement["model.rotary_emb"] = "cpu"
+    for layer in range(n_layers):  # every other layer's weights on disk, loaded per forward
+        placement[f"model.layers.{layer}"] = "disk" if layer % 2 else "cpu"
+    return placement
+
+
+def test_a_device_map_with_disk_offload_decodes_bitwise(tmp_path, monkeypatch) -> None:
+    """accelerate's offload (half the layers on disk): every exact policy, alone and in a
+    batch, bitwise as the same model in memory; a shifted recompute is caught."""
+    import torch
+
+    from residkit.policies import H2O, FullCache, KVDirect
+    from residkit.policies.kvdirect_cache import KVDirectCache
+
+    in_memory = residkit.load("zoo:llama")
+    placement = _offloaded_map(in_memory.cfg.n_layers)
+    offloaded = residkit.load("zoo:llama", device_map=placement, offload_folder=tmp_path)
+    assert offloaded.original_model.hf_device_map == placement
+    # The disk layers' weights are meta placeholders, read from disk around each use.
+    assert any(param.device.type == "meta" for param in offloaded.parameters())
+    kw = {"max_new_tokens": 8, "return_logits": True, "stop_at_eos": False}
+    policies = [
+        FullCache(),
+        KVDirect(4),
+        KVDirect(4, checkpoint="token"),
+        KVDirect(4, checkpoint="stride", stride=2),
+        H2O(4),
+    ]
+    for prompt in ("abcdefghijklmnop", ["abcdefghijkl", "ab"]):
+        for policy in policies:
+            a = residkit.generate(in_memory, prompt, policy=policy, **kw)
+            b = residkit.generate(offloaded, prompt, policy=policy, **kw)
+            rows = zip(a, b, strict=True) if isinstance(prompt, list) else [(a, b)]
+            assert all(torch.equal(x.logits, y.logits) for x, y in rows), (prompt, policy)
+    positions = KVDirectCache._positions
+    monkeypatch.setattr(KVDirectCache, "_positions", lambda s, *c: positions(s, *c) + 1)
+    shifted = residkit.generate(offloaded, "abcdefghijklmnop", policy=KVDirect(4), **kw)
+    full = residkit.generate(in_memory, "abcdefghijklmnop", **kw)
+    assert not torch.equal(shifted.logits, full.logits)
+
+
+def test_placement_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="not both"):
+        residkit.load("zoo:llama", device="cpu", device_map="auto")
+    with pytest.raises(ValueError, match="offload_folder goes with a device_map"):
+        residkit.load("zoo:llama", offload_folder="/tmp/x")

@@ -48,14 +48,15 @@ from residkit._bridge.model import (
     hf_model,
     is_bridge,
     linear,
+    materialized,
     n_kv_heads,
     native_norm,
     norms_folded,
     set_tokenizer,
     skipped_blocks,
 )
-from residkit._bridge.policy_cache import CacheHooksError, HookedCache, attached
-from residkit._bridge.replay import replay_cache, replay_kv
+from residkit._bridge.policy_cache import CacheHooksError, HookedCache, attached, left_padded_mask
+from residkit._bridge.replay import Piece, replay_cache, replay_kv
 
 __all__ = [
     "CacheHooksError",
@@ -63,6 +64,7 @@ __all__ = [
     "CaptureCache",
     "Captured",
     "HookedCache",
+    "Piece",
     "attached",
     "attn_norm",
     "cache_argument_shim",
@@ -81,7 +83,9 @@ __all__ = [
     "is_bridge",
     "kv_bytes",
     "layer_kv",
+    "left_padded_mask",
     "linear",
+    "materialized",
     "muted",
     "muted_hook_points",
     "n_kv_heads",

@@ -27,6 +27,7 @@ __all__ = [
     "hf_model",
     "is_bridge",
     "linear",
+    "materialized",
     "n_kv_heads",
     "native_norm",
     "norms_folded",
@@ -142,4 +143,18 @@ def skipped_blocks(model: TransformerBridge, below: int) -> Iterator[None]:
     compute is discarded, so they need not run.
     """
     with replaced_forward(list(model.blocks[:below]), _identity_block):
+        yield
+
+
+@contextmanager
+def materialized(module: nn.Module) -> Iterator[None]:
+    """``module``'s own weights readable for the block, also when accelerate offloaded them
+    (a ``device_map`` with ``"cpu"`` / ``"disk"`` entries leaves meta placeholders, which only
+    the module's own forward swaps for the real tensors)."""
+    if getattr(module, "_hf_hook", None) is None:
+        yield
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module):
         yield

@@ -23,6 +23,13 @@ were removed, or it was given to another model. Each raises :class:`CacheHooksEr
 cause, as does a layer index the cache was not built for. Without that check a policy cache
 would act as an ever-growing full cache, silently.
 
+**Batches.** A forward's 2-D ``attention_mask`` and ``position_ids`` (what the bridge or
+transformers' ``generate`` hands the wrapped model) are read by a keyword pre-hook on the wrapped
+model while attached: :attr:`HookedCache.mask` is the latest left-padded mask (None while no
+token is masked) and :attr:`HookedCache.forward_positions` the positions of the forward under
+way (None when they are the default ``arange``). Policies that recompute K/V replay them with the
+same mask and positions; eviction policies rank padding below every real token.
+
 The attention bridges of TransformerLens 4.3 read the cache under its pre-5.24 name only; while
 attached, the cache also hands it back under that name (:func:`cache_argument_shim`).
 """
@@ -33,11 +40,19 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
 
+import torch
 from torch import Tensor
 from transformers import DynamicCache
 
 from residkit._bridge.cache import cache_argument_shim
-from residkit._bridge.hooks import carries, edit_watch, foreign_hooked, point_names, run_last
+from residkit._bridge.hooks import (
+    OURS,
+    carries,
+    edit_watch,
+    foreign_hooked,
+    point_names,
+    run_last,
+)
 from residkit._bridge.model import hf_config
 
 __all__ = ["CacheHooksError", "HookedCache"]
@@ -48,6 +63,40 @@ C = TypeVar("C", bound="HookedCache")
 
 class CacheHooksError(RuntimeError):
     """A residkit cache was given to a forward that did not pass through its hooks."""
+
+
+class _InputsNote:
+    """A keyword pre-hook on the wrapped HF model: the mask and positions a forward was given."""
+
+    def __init__(self) -> None:
+        self.given: tuple[Tensor | None, Tensor | None] = (None, None)
+
+    def __call__(self, module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        self.given = (kwargs.get("attention_mask"), kwargs.get("position_ids"))
+
+
+def left_padded_mask(mask: Tensor | None, batch: int, length: int) -> Tensor | None:
+    """``mask`` as bool ``[batch, length]``, or None when it masks nothing; a ValueError for a
+    mask of another shape or one that is not left padding (a zero after a one)."""
+    if mask is None:
+        return None
+    if mask.ndim != 2 or tuple(mask.shape) != (batch, length):
+        raise ValueError(
+            f"a residkit cache takes a 2-D attention_mask [batch, past + new] = [{batch}, "
+            f"{length}], got shape {tuple(mask.shape)}"
+        )
+    bool_mask = mask.bool()
+    if bool(bool_mask.all()):
+        return None
+    # Left padding: once a row's first real token is reached, every later token is real.
+    gaps = bool_mask.long().cummax(dim=1).values.bool() & ~bool_mask
+    if bool(gaps.any()):
+        row = int(gaps.any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"attention_mask row {row} masks a token after a real one; residkit caches take "
+            "left padding only (tokenizer.padding_side = 'left', as transformers' generate wants)"
+        )
+    return bool_mask
 
 
 class _Attachment:
@@ -83,6 +132,11 @@ class HookedCache(DynamicCache):
         self._updated: set[int] = set()
         self._watch: ExitStack | None = None
         self._edited: set[str] = set()
+        self._note = _InputsNote()
+        self._inputs: tuple[Tensor | None, Tensor | None] = (None, None)
+        self.fed = 0  # tokens fed through claimed forwards
+        self.mask: Tensor | None = None  # latest left-padded 2-D mask; None while all real
+        self.forward_positions: Tensor | None = None  # [batch, q] unless the default arange
 
     # --- what a subclass provides ---------------------------------------------------------
     def forward_hooks(self) -> list[tuple[str, Hook]]:
@@ -123,6 +177,7 @@ class HookedCache(DynamicCache):
         try:
             att.stack.enter_context(self.model.hooks(fwd_hooks=att.hooks))
             att.stack.enter_context(cache_argument_shim(self.model))
+            att.stack.enter_context(_noting_inputs(self.model, self._note))
         except BaseException:
             att.stack.close()
             raise
@@ -150,6 +205,7 @@ class HookedCache(DynamicCache):
     def _arm(self, ids: Tensor, hook: Any) -> None:
         self._close_watch()
         self._ids, self._claimed = ids, False
+        self._inputs, self._note.given = self._note.given, (None, None)
         self._updated.clear()
 
     def _claim(self) -> None:
@@ -162,7 +218,47 @@ class HookedCache(DynamicCache):
         if user:
             self._watch = ExitStack()
             self._edited = self._watch.enter_context(edit_watch(user))
+        self._read_inputs(self._ids)
         self.begin_forward(self._ids)
+
+    def _read_inputs(self, ids: Tensor) -> None:
+        """:attr:`mask` and :attr:`forward_positions` of the forward of ``ids``."""
+        given_mask, given_positions = self._inputs
+        batch, q = ids.shape
+        if given_mask is None:
+            # A forward without a mask: its tokens are real, the past keeps its padding.
+            mask = (
+                None
+                if self.mask is None
+                else torch.cat([self.mask, self.mask.new_ones(batch, q)], dim=1)
+            )
+        else:
+            mask = left_padded_mask(given_mask, batch, self.fed + q)
+            past = self.mask if self.mask is not None else None
+            now = None if mask is None else mask[:, : self.fed]
+            same = (past is None and (now is None or bool(now.all()))) or (
+                past is not None and now is not None and torch.equal(now, past)
+            )
+            if not same:
+                raise ValueError(
+                    "attention_mask changed a token already in the cache; pass the mask of the "
+                    "whole sequence so far, extended by ones for the new tokens"
+                )
+        self.mask = mask
+        positions = given_positions
+        if positions is not None:
+            default = torch.arange(self.fed, self.fed + q, device=positions.device)
+            if positions.ndim != 2 or bool((positions == default).all()):
+                positions = None
+            else:
+                positions = positions.expand(batch, q)
+        self.forward_positions = positions
+
+    def row_padding(self) -> Tensor | None:
+        """Leading padding tokens per row ``[batch]`` (None when no token is masked)."""
+        if self.mask is None:
+            return None
+        return (~self.mask).long().cumprod(dim=1).sum(dim=1)
 
     def _gated(self, fn: Hook) -> Hook:
         def gated(act: Tensor, hook: Any) -> Any:
@@ -183,6 +279,8 @@ class HookedCache(DynamicCache):
                 raise ValueError(self.edited_message(point_names(self.model, edited)))
             if claimed:
                 self.end_forward()
+                assert self._ids is not None
+                self.fed += self._ids.shape[1]
         finally:
             self._claimed, self._ids = False, None
 
@@ -263,6 +361,17 @@ class HookedCache(DynamicCache):
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         self._unsupported("reorder_cache()")
+
+
+@contextmanager
+def _noting_inputs(model: Any, note: _InputsNote) -> Iterator[None]:
+    handle = model.original_model.register_forward_pre_hook(note, with_kwargs=True)
+    OURS.add(note)
+    try:
+        yield
+    finally:
+        handle.remove()
+        OURS.discard(note)
 
 
 @contextmanager

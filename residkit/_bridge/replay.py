@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +35,32 @@ from residkit._bridge.cache import (
 from residkit._bridge.hooks import muted_hook_points, temporary_hooks
 from residkit._bridge.model import n_kv_heads, skipped_blocks
 
-__all__ = ["replay_cache", "replay_kv"]
+__all__ = ["Piece", "replay_cache", "replay_kv"]
+
+
+@dataclass
+class Piece:
+    """One original forward of a span, as a replay feeds it again.
+
+    Attributes:
+        ids: Token ids ``[batch, n]``.
+        positions: The position ids the original forward used (``[batch or 1, n]``), given
+            explicitly so the replay never derives other ones from the mask.
+        mask: The 2-D attention mask up to the piece's last token (None: nothing masked).
+        resid: Residuals ``[batch, n, d_model]`` entering the replay's first block, or None
+            when the replay starts at block 0 from the ids.
+    """
+
+    ids: Tensor
+    positions: Tensor
+    mask: Tensor | None = None
+    resid: Tensor | None = None
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"position_ids": self.positions}
+        if self.mask is not None:
+            kwargs["attention_mask"] = self.mask.long()
+        return kwargs
 
 
 class _Done(Exception):
@@ -87,7 +113,7 @@ def replay_kv(
     resid_pre_hook: str,
     start: int,
     layers: Sequence[int],
-    chunks: Sequence[tuple[Tensor, Tensor | None]],
+    chunks: Sequence[Piece],
     capture: list[Tensor] | None = None,
 ) -> tuple[dict[int, tuple[Tensor, Tensor]], int]:
     """K/V at ``layers`` (each >= ``start``) of a span, rebuilt from residuals at ``start``.
@@ -97,15 +123,14 @@ def replay_kv(
         resid_pre_hook: The residual hook name pattern (``"blocks.{layer}.hook_resid_pre"``).
         start: The block whose input the residuals are.
         layers: The layers whose K/V to return.
-        chunks: ``(token ids [1, n], residuals [1, n, d_model])`` in order, from position 0.
-            With ``start > 0`` the ids only give the forward its shape and the residuals
-            replace the stream at ``start``; with ``start == 0`` the ids are the input and the
-            residuals may be None.
+        chunks: The span's original forwards in order, from position 0. With ``start > 0``
+            the ids only give the forward its shape and each piece's residuals replace the
+            stream at ``start``; with ``start == 0`` the ids are the input.
         capture: If a list, each chunk's residual entering the top layer is appended to it
             (to continue the replay from there).
 
     Returns:
-        ``{layer: (keys, values)}``, each ``[1, n_kv_heads, span, d_head]``, and the bytes the
+        ``{layer: (keys, values)}``, each ``[batch, n_kv_heads, span, d_head]``, and the bytes the
         replay's cache held at its end (every replayed layer's K/V, the counters below).
 
     User hooks are muted for the replay (it is not a forward of the user's).
@@ -117,18 +142,21 @@ def replay_kv(
     below: list[Any] = [cache.layers[i] for i in range(start)]
     kv_heads = n_kv_heads(model)
     with muted_hook_points(model), skipped_blocks(model, start):
-        for ids, resid in chunks:
+        for piece in chunks:
             hooks: list[tuple[str, Any]] = []
             if start > 0:
-                if resid is None:
+                if piece.resid is None:
                     raise ValueError(f"a replay from block {start} needs the residuals there")
-                hooks = [(resid_pre_hook.format(layer=start), _Put(resid))]
+                hooks = [(resid_pre_hook.format(layer=start), _Put(piece.resid))]
             if capture is not None:
                 hooks.append((resid_pre_hook.format(layer=top), _Keep(capture)))
             with temporary_hooks(model, hooks), contextlib.suppress(_Done):
-                cached_forward(model, ids, cache, return_type=None)
-            # After the chunk, as the skipped blocks' own caches would have grown.
-            empty = torch.zeros(1, kv_heads, ids.shape[1], 1, dtype=torch.float32)
+                cached_forward(model, piece.ids, cache, return_type=None, **piece.forward_kwargs())
+            # After the chunk, as the skipped blocks' own caches would have grown (in the
+            # residual's dtype and on its device, never read).
+            batch, n = piece.ids.shape
+            like = piece.resid if piece.resid is not None else piece.ids.float()
+            empty = like.new_zeros(batch, kv_heads, n, 1)
             for skipped in below:
                 skipped.update(empty, empty)
     out = {}
@@ -140,10 +168,12 @@ def replay_kv(
     return out, kv_bytes(cache)
 
 
-def replay_cache(model: Any, ids: Tensor) -> Any:
-    """A fresh cache of the model's own layers holding the K/V of ``ids`` (one forward, user
+def replay_cache(model: Any, piece: Piece) -> Any:
+    """A fresh cache of the model's own layers holding the K/V of ``piece`` (one forward, user
     hooks muted, the unembedding run at the last position only)."""
     cache = new_cache(model)
     with muted_hook_points(model):
-        cached_forward(model, ids, cache, return_type=None, logits_to_keep=1)
+        cached_forward(
+            model, piece.ids, cache, return_type=None, logits_to_keep=1, **piece.forward_kwargs()
+        )
     return cache

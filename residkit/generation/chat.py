@@ -185,7 +185,7 @@ class Chat:
             except BaseException:
                 cache.restore(snapshot)
                 raise
-        reply = torch.stack(new)
+        reply = torch.stack(new)[:, 0]
         self.history += [ids[0], reply[:-1]]
         self.replies.append(reply)
         self._pending = reply[-1]

@@ -13,11 +13,9 @@ samples; and any difference between two policies is a difference in what attenti
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from typing import Any
 
-import pandas as pd
-import plotly.graph_objects as go
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -27,13 +25,16 @@ from residkit._bridge import cached_forward, generation_config, muted_hook_point
 from residkit._entry import entry
 from residkit._validate import non_negative_int
 from residkit.capture import Inputs, to_tokens
+from residkit.generation.feed import Feed, is_batch, pad_id
+from residkit.generation.results import Generation, Generations, GenerationStats
 from residkit.generation.sampling import Sampler, check_sampling, sample_next
-from residkit.policies import CachePolicy, KVDirect, MemoryStats, resolve_policy
+from residkit.policies import CachePolicy, KVDirect, resolve_policy
 from residkit.policies.base import chunked
 
 __all__ = [
     "Generation",
     "GenerationStats",
+    "Generations",
     "Sampler",
     "decode_loop",
     "eos_ids",
@@ -47,90 +48,32 @@ __all__ = [
 
 
 def next_logits(
-    model: TransformerBridge, ids: Int[Tensor, "batch pos"], cache: Any
+    model: TransformerBridge, ids: Int[Tensor, "batch pos"], cache: Any, **kwargs: Any
 ) -> Float[Tensor, "batch vocab"]:
     """Logits after ``ids``, fed through ``model`` with ``cache``: the unembedding runs at the
     last position only (transformers' ``generate`` does the same; a whole-sequence unembedding
-    is another GEMM shape, different in the last bits)."""
-    return cached_forward(model, ids, cache, logits_to_keep=1)[:, -1]
+    is another GEMM shape, different in the last bits). ``kwargs`` (a padded batch's
+    ``attention_mask`` and ``position_ids``) go to the forward."""
+    return cached_forward(model, ids, cache, logits_to_keep=1, **kwargs)[:, -1]
 
 
 def prefill(
-    model: TransformerBridge, cache: Any, tokens: Int[Tensor, "batch pos"], chunk: int | None
+    model: TransformerBridge,
+    cache: Any,
+    tokens: Int[Tensor, "batch pos"],
+    chunk: int | None,
+    feed: Feed | None = None,
 ) -> Float[Tensor, "batch vocab"]:
-    """Feed ``tokens`` in forwards of at most ``chunk`` positions; the last one's logits."""
-    for piece in chunked(tokens, chunk):
-        logits = next_logits(model, piece, cache)
-    return logits
+    """Feed ``tokens`` in forwards of at most ``chunk`` positions; the last one's logits.
 
-
-@dataclass
-class GenerationStats(MemoryStats):
-    """Memory (from the cache) plus timing of one generation."""
-
-    total_seconds: float = 0.0
-    new_tokens: int = 0
-    max_logit_deviation: float | None = None
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.total_seconds if self.total_seconds > 0 else float("nan")
-
-
-@dataclass
-class Generation:
-    """The result of :func:`generate`.
-
-    Attributes:
-        prompt_tokens: ``[pos]`` ids of the prompt.
-        tokens: ``[new]`` ids generated.
-        text: The generated text (decoded new tokens).
-        policy: The policy that was used.
-        stats: Memory and timing.
-        logits: ``[new, vocab]`` logits each new token was chosen from, if requested.
-
-    Examples:
-        >>> import residkit
-        >>> gen = residkit.generate(residkit.load("zoo:llama"), "abc", max_new_tokens=3, stop_at_eos=False)
-        >>> gen.tokens.shape, gen.stats.peak_active_kv_bytes > 0
-        (torch.Size([3]), True)
+    With ``feed`` (a padded batch), each forward also gets its mask and positions.
     """
-
-    prompt_tokens: Int[Tensor, " pos"]
-    tokens: Int[Tensor, " new"]
-    text: str
-    policy: CachePolicy
-    stats: GenerationStats
-    logits: Float[Tensor, "new vocab"] | None = None
-    token_strs: list[str] = field(default_factory=list)
-
-    @property
-    def table(self) -> pd.DataFrame:
-        """One row per new token: step, token id, token text, and its log-prob if logits kept."""
-        df = pd.DataFrame(
-            {
-                "step": range(len(self.tokens)),
-                "token": self.tokens.tolist(),
-                "text": self.token_strs,
-            }
-        )
-        if self.logits is not None:
-            logp = torch.log_softmax(self.logits.double(), -1)
-            df["logprob"] = logp.gather(1, self.tokens.view(-1, 1)).squeeze(1).tolist()
-        return df
-
-    def figure(self, *, title: str | None = None) -> go.Figure:
-        """Bytes held after each forward: active K/V and checkpoints."""
-        steps = list(range(len(self.stats.per_step)))
-        fig = go.Figure()
-        fig.add_scatter(x=steps, y=[a for a, _ in self.stats.per_step], name="active K/V")
-        fig.add_scatter(x=steps, y=[c for _, c in self.stats.per_step], name="checkpoints")
-        fig.update_layout(
-            title=title or f"Memory per step: {self.policy!r}",
-            xaxis_title="forward (0 = prefill)",
-            yaxis_title="bytes",
-        )
-        return fig
+    end = 0
+    for piece in chunked(tokens, chunk):
+        end += piece.shape[1]
+        extra = feed.kwargs(end, piece.shape[1]) if feed is not None else {}
+        logits = next_logits(model, piece, cache, **extra)
+    return logits
 
 
 def eos_ids(model: TransformerBridge) -> set[int]:
@@ -151,20 +94,36 @@ def decode_loop(
     eos: set[int] | None,
     return_logits: bool = False,
     forced_tokens: Tensor | None = None,
+    pad: int = 0,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Choose ``max_new_tokens`` tokens starting from ``logits``, feeding each chosen token to
-    ``step`` (which returns the next logits); the last one is not fed back."""
+    """Choose up to ``max_new_tokens`` tokens per row from ``logits`` ``[batch, vocab]``,
+    feeding each step's ``[batch, 1]`` tokens to ``step`` (which returns the next logits); the
+    last step's tokens are not fed back.
+
+    A row that has chosen an EOS is finished: it is fed ``pad`` from then on, as transformers'
+    ``generate`` does, and the loop ends when every row is finished. Returns each step's
+    tokens ``[batch]`` and, if ``return_logits``, each step's logits ``[batch, vocab]``.
+    ``forced_tokens`` ``[batch, new]`` (or ``[new]``) replace the chosen tokens (teacher forcing).
+    """
     new: list[Tensor] = []
     kept: list[Tensor] = []
+    unfinished: Tensor | None = None
+    eos_ids = None if eos is None else torch.tensor(sorted(eos))
     for i in range(max_new_tokens):
         assert logits is not None
         if return_logits:
-            kept.append(logits[0].detach().clone())
+            kept.append(logits.detach().clone())
         nxt = sampler(logits)
         if forced_tokens is not None:
-            nxt = forced_tokens[i].view(1, 1).to(nxt)
-        new.append(nxt[0, 0])
-        if (eos is not None and int(nxt) in eos) or i == max_new_tokens - 1:
+            forced = forced_tokens.view(-1, forced_tokens.shape[-1])[:, i : i + 1]
+            nxt = forced.expand_as(nxt).to(nxt)
+        if unfinished is None:
+            unfinished = torch.ones(nxt.shape[0], dtype=torch.bool, device=nxt.device)
+        nxt = torch.where(unfinished[:, None], nxt, torch.full_like(nxt, pad))
+        new.append(nxt[:, 0])
+        if eos_ids is not None:
+            unfinished &= ~torch.isin(nxt[:, 0], eos_ids.to(nxt.device))
+        if not bool(unfinished.any()) or i == max_new_tokens - 1:
             break
         logits = step(nxt)
     return new, kept
@@ -175,12 +134,12 @@ _KVDIRECT_OPTIONS = {f.name for f in fields(KVDirect)} - {"budget"}
 
 def generate_kvdirect(
     model: TransformerBridge, prompt: Inputs, *, budget: int = 64, **options: Any
-) -> Generation:
+) -> Generation | Generations:
     """Decode with KV-Direct: :func:`generate` with ``policy=KVDirect(budget, ...)``.
 
     Args:
         model: A bridge from :func:`residkit.load`.
-        prompt: One prompt (string or token ids).
+        prompt: One prompt (string or token ids), or a batch (see :func:`generate`).
         budget: Tokens of K/V kept per global layer.
         **options: Any :class:`~residkit.policies.KVDirect` option (``checkpoint``, ``mode``,
             ``stride``, ``keep_top``, ``scope``, ``prefill_chunk``, ``memory_limit``,
@@ -211,9 +170,9 @@ class _Shadow:
     def __init__(self, model: TransformerBridge) -> None:
         self.model, self.cache, self.max_deviation = model, new_cache(model), 0.0
 
-    def compare(self, ids: Tensor, logits: Tensor) -> Tensor:
+    def compare(self, ids: Tensor, logits: Tensor, kwargs: dict[str, Any]) -> Tensor:
         with muted_hook_points(self.model):
-            ref = next_logits(self.model, ids, self.cache)
+            ref = next_logits(self.model, ids, self.cache, **kwargs)
         self.max_deviation = max(self.max_deviation, (ref - logits).abs().max().item())
         return logits
 
@@ -234,13 +193,15 @@ def generate(
     seed: int | None = None,
     stop_at_eos: bool = True,
     return_logits: bool = False,
-    forced_tokens: Int[Tensor, " new"] | None = None,
-) -> Generation:
+    forced_tokens: Int[Tensor, "*batch new"] | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> Generation | Generations:
     """Decode ``max_new_tokens`` tokens from ``prompt`` under a cache policy.
 
     Args:
         model: A bridge from :func:`residkit.load`.
-        prompt: One prompt (string or token ids).
+        prompt: One prompt (string or token ids ``[pos]`` / ``[1, pos]``), or a batch: a list
+            of strings (each tokenised alone, then left padded) or token ids ``[batch, pos]``.
         max_new_tokens: How many tokens to generate (fewer if EOS and ``stop_at_eos``).
         policy: A :class:`~residkit.policies.CachePolicy`, or the name of one
             (:func:`~residkit.policies.resolve_policy`: ``"full"``, ``"none"``, ``"kvdirect"``,
@@ -257,9 +218,12 @@ def generate(
         return_logits: Keep the ``[new, vocab]`` logits each token was chosen from.
         forced_tokens: Teacher forcing: feed these tokens instead of the chosen ones (the
             logits are still those the policy produced). Used to compare distributions.
+        attention_mask: With token ids ``[batch, pos]``: 1 at real tokens, 0 at left padding.
 
     Returns:
-        A :class:`Generation`.
+        A :class:`Generation`, or for a batch a :class:`Generations` (one per prompt, each up
+        to its own EOS; a finished row is fed padding until every row is done, as
+        transformers' ``generate`` does, so each row's tokens are the batch's own).
 
     Raises:
         TypeError: not a model, a prompt of the wrong type, a count or sampling argument of
@@ -291,15 +255,15 @@ def generate(
             )
         policy = cache
     chosen = resolve_policy(policy)
-    tokens = to_tokens(model, prompt, extra=max_new_tokens)
-    if tokens.shape[0] != 1:
-        raise ValueError(f"generate takes one prompt, got a batch of {tokens.shape[0]}")
+    feed = Feed.of(model, prompt, extra=max_new_tokens, attention_mask=attention_mask)
+    tokens = feed.ids
     if forced_tokens is not None:
-        forced_tokens = to_tokens(model, forced_tokens)[0]
-    if forced_tokens is not None and len(forced_tokens) < max_new_tokens:
-        raise ValueError(
-            f"forced_tokens has {len(forced_tokens)} tokens but max_new_tokens={max_new_tokens}"
-        )
+        forced_tokens = to_tokens(model, forced_tokens)
+        if forced_tokens.shape[0] not in (1, feed.batch) or forced_tokens.shape[1] < max_new_tokens:
+            raise ValueError(
+                f"forced_tokens has shape {tuple(forced_tokens.shape)}; it needs [{feed.batch}, "
+                f">= {max_new_tokens}] (max_new_tokens={max_new_tokens})"
+            )
     generator = None
     if seed is not None:
         generator = torch.Generator(device=tokens.device).manual_seed(seed)
@@ -308,33 +272,64 @@ def generate(
 
     start = time.perf_counter()
     deviation: float | None = None
+    fed = 0
     with chosen.make_cache(model) as kv:
         shadow = _Shadow(model) if getattr(chosen, "measure_deviation", False) else None
 
         def step(ids: Tensor) -> Tensor:
-            logits = next_logits(model, ids, kv)
-            return shadow.compare(ids, logits) if shadow is not None else logits
+            nonlocal fed
+            fed += ids.shape[1]
+            extra = feed.kwargs(fed, ids.shape[1])
+            logits = next_logits(model, ids, kv, **extra)
+            return shadow.compare(ids, logits, extra) if shadow is not None else logits
 
         logits = None
         if max_new_tokens > 0:
             for piece in chunked(tokens, chosen.prefill_chunk_size):
                 logits = step(piece)
         new, kept_logits = decode_loop(
-            step, logits, max_new_tokens, sampler, eos, return_logits, forced_tokens
-        )
+            step, logits, max_new_tokens, sampler, eos, return_logits, forced_tokens,
+            pad=pad_id(model),
+        )  # fmt: skip
         deviation = shadow.max_deviation if shadow is not None else None
     elapsed = time.perf_counter() - start
 
     stats = GenerationStats(**vars(kv.memory))
-    stats.total_seconds, stats.new_tokens = elapsed, len(new)
-    stats.max_logit_deviation = deviation
-    out = torch.stack(new) if new else torch.zeros(0, dtype=torch.long)
+    stats.total_seconds, stats.max_logit_deviation = elapsed, deviation
+    steps = torch.stack(new, dim=1) if new else tokens.new_zeros(feed.batch, 0)
+    logits_kept = torch.stack(kept_logits, dim=1) if return_logits and kept_logits else None
+    rows = [
+        _row(model, feed, i, steps[i], logits_kept, eos, chosen, stats) for i in range(feed.batch)
+    ]
+    stats.new_tokens = sum(len(r.tokens) for r in rows)
+    if not is_batch(prompt):
+        return rows[0]
+    return Generations(rows, feed.padding, chosen, stats)
+
+
+def _row(
+    model: TransformerBridge,
+    feed: Feed,
+    i: int,
+    steps: Tensor,
+    logits: Tensor | None,
+    eos: set[int] | None,
+    policy: CachePolicy,
+    stats: GenerationStats,
+) -> Generation:
+    """Row ``i`` of a decoded batch, its tokens up to and including its first EOS."""
+    n = len(steps)
+    if eos is not None:
+        hits = [j for j, t in enumerate(steps.tolist()) if t in eos]
+        n = hits[0] + 1 if hits else n
+    out = steps[:n]
+    tok = model.tokenizer
     return Generation(
-        prompt_tokens=tokens[0],
+        prompt_tokens=feed.ids[i, feed.padding[i] :],
         tokens=out,
-        text=model.tokenizer.decode(out.tolist()) if model.tokenizer is not None else "",
-        policy=chosen,
+        text=tok.decode(out.tolist()) if tok is not None else "",
+        policy=policy,
         stats=stats,
-        logits=torch.stack(kept_logits) if return_logits and kept_logits else None,
-        token_strs=[model.tokenizer.decode([t]) for t in out.tolist()] if model.tokenizer else [],
+        logits=None if logits is None else logits[i, :n],
+        token_strs=[tok.decode([t]) for t in out.tolist()] if tok is not None else [],
     )

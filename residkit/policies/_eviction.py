@@ -26,6 +26,13 @@ The mask. HF builds one mask for all global layers from ``get_mask_sizes``. A la
 sit at their true positions ``[seen, seen + q)``, so the new rows stay causal among
 themselves. Reporting offset ``0`` instead would let row ``i`` of a multi-token chunk see
 later rows of the same chunk once anything was evicted (single-token steps are unaffected).
+
+A padded batch. Rows are left padded, and the mask above reads the 2-D padding mask at the
+positions ``[seen - kept, seen)``, the same for every row. That is right exactly when a row
+holds padding only once it holds all its real tokens, and then the padding just before them:
+every policy ranks padding below every real token and later padding above earlier
+(:func:`top_k_sorted` with ``real``), padding queries cast no votes, and StreamingLLM's sinks
+are each row's first real tokens. Each row then keeps what its prompt alone would keep.
 """
 
 from abc import abstractmethod
@@ -34,7 +41,7 @@ from functools import partial
 from typing import Any, ClassVar
 
 import torch
-from jaxtyping import Float, Int, Real
+from jaxtyping import Bool, Float, Int, Real
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
@@ -71,17 +78,29 @@ def check_window(limit: int | None, tokens: int) -> None:
 
 
 def top_k_sorted(
-    scores: Real[Tensor, "batch n_kv_heads n"], k: int
+    scores: Real[Tensor, "batch n_kv_heads n"],
+    k: int,
+    real: Bool[Tensor, "batch n_kv_heads n"] | None = None,
 ) -> Int[Tensor, "batch n_kv_heads k"]:
     """Indices of the ``k`` highest scores along the last dim, in ascending index order.
 
     Ascending order keeps the kept keys in position order, as an uncompressed cache has them.
+    With ``real`` (False at left padding), padding ranks below every real token and later
+    padding above earlier: a row keeps padding only once all its real tokens are kept, and
+    then the padding just before them, which is what the shared attention mask expects there
+    (see the module docstring). Scores must then be >= 0.
 
     Examples:
         >>> top_k_sorted(torch.tensor([[[0.5, 0.1, 0.9, 0.3]]]), 2).tolist()
         [[[0, 2]]]
+        >>> real = torch.tensor([[[False, False, True, True]]])
+        >>> top_k_sorted(torch.tensor([[[0.5, 0.1, 0.9, 0.3]]]), 3, real).tolist()
+        [[[1, 2, 3]]]
     """
     k = min(k, scores.shape[-1])
+    if real is not None:
+        slot = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.float64)
+        scores = torch.where(real, scores.double(), slot - scores.shape[-1])
     return torch.topk(scores, k, dim=-1).indices.sort(dim=-1).values
 
 
@@ -107,6 +126,8 @@ class EvictionLayer(CacheLayer):
         seen: Tokens fed so far (absolute); the next token's position.
         positions: ``[batch, n_kv_heads, kept]`` absolute positions of the kept tokens.
         scores: Per-token running scores aligned with ``positions`` (H2O), or None.
+        padding: Leading padding tokens per row ``[batch]`` (None: no row is padded), set by
+            the cache before each selection.
     """
 
     def __init__(self) -> None:
@@ -114,6 +135,18 @@ class EvictionLayer(CacheLayer):
         self.seen = 0
         self.positions: Tensor | None = None
         self.scores: Tensor | None = None
+        self.padding: Tensor | None = None
+
+    def relative_positions(self) -> Int[Tensor, "batch n_kv_heads kept"]:
+        """Kept positions counted from each row's first real token (padding is negative)."""
+        assert self.positions is not None
+        if self.padding is None:
+            return self.positions
+        return self.positions - self.padding.to(self.positions.device).view(-1, 1, 1)
+
+    def real(self) -> Bool[Tensor, "batch n_kv_heads kept"] | None:
+        """Which kept slots hold real tokens (None: all of them)."""
+        return None if self.padding is None else self.relative_positions() >= 0
 
     def append(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor]:
         b, h, q, _ = key_states.shape
@@ -231,7 +264,13 @@ class EvictionCache(PolicyCache):
         ]
 
     def _keep_pattern(self, layer: int, act: Tensor, hook: object) -> None:
-        self._patterns[layer] = self.policy.summarize(act.detach())
+        pattern = act.detach()
+        if self.mask is not None:
+            # A padding query row attends to nothing real (its softmax is spread over masked
+            # keys); it must not vote for any key.
+            real_queries = self.mask[:, -pattern.shape[-2] :].to(pattern.device)
+            pattern = pattern * real_queries[:, None, :, None].to(pattern.dtype)
+        self._patterns[layer] = self.policy.summarize(pattern)
 
     def begin_forward(self, ids: Tensor) -> None:
         check_window(self.limit, self._seen() + ids.shape[1])
@@ -250,6 +289,7 @@ class EvictionCache(PolicyCache):
                         f"{type(self.policy).__name__} needs attention weights (eager attention)"
                     )
                 cached = self._layer(layer)
+                cached.padding = self.row_padding()
                 index = self.policy.select(cached, pattern, ids.shape[1], self.n_kv_heads)
                 if index is not None:
                     cached.keep(index)
@@ -264,7 +304,8 @@ class EvictionCache(PolicyCache):
         return self._layer(self.global_layers[0]).seen if self.global_layers else 0
 
     def held_positions(self) -> dict[int, Int[Tensor, "batch n_kv_heads kept"]]:
-        """Absolute positions each global layer holds now, per ``(batch, kv_head)``.
+        """Positions each global layer holds now, per ``(batch, kv_head)``, counted from each
+        row's first real token (left padding, when a row keeps some, is negative).
 
         Examples:
             >>> import residkit
@@ -277,7 +318,9 @@ class EvictionCache(PolicyCache):
         """
         out = {}
         for layer in self.global_layers:
-            positions = self._layer(layer).positions
+            cached = self._layer(layer)
             empty = torch.zeros(1, self.n_kv_heads, 0, dtype=torch.long)
-            out[layer] = positions.clone() if positions is not None else empty
+            out[layer] = (
+                cached.relative_positions().clone() if cached.positions is not None else empty
+            )
         return out

@@ -58,6 +58,8 @@ class MemoryStats:
             layers (layer checkpoints: rows through one layer's K/V projections; token
             checkpoints: rows through a whole forward). Sets the recompute's FLOP count.
         per_step: ``(active_kv_bytes, checkpoint_bytes)`` after each forward.
+        batch_size: Rows of the batch the bytes are for (every row holds the same number of
+            positions, padding included, so a row's share is the total over ``batch_size``).
     """
 
     active_kv_bytes: int = 0
@@ -72,11 +74,23 @@ class MemoryStats:
     recompute_seconds: float = 0.0
     recomputed_tokens: int = 0
     per_step: list[tuple[int, int]] = field(default_factory=list)
+    batch_size: int = 1
 
     @property
     def total_bytes(self) -> int:
         """Active K/V plus reserved checkpoints now, between forwards."""
         return self.active_kv_bytes + self.checkpoint_reserved_bytes
+
+    def per_row(self) -> dict[str, float]:
+        """Every byte count divided by :attr:`batch_size`: what one row of the batch holds."""
+        rows = max(self.batch_size, 1)
+        return {
+            name: getattr(self, name) / rows
+            for name in (
+                "active_kv_bytes", "peak_active_kv_bytes", "checkpoint_bytes",
+                "checkpoint_reserved_bytes", "peak_transient_bytes", "peak_total_bytes",
+            )
+        } | {"total_bytes": self.total_bytes / rows}  # fmt: skip
 
     def record(
         self,
@@ -133,6 +147,10 @@ class PolicyCache(HookedCache):
         super().__init__(model, label=type(policy).__name__)
         self.policy = policy
         self.memory = MemoryStats()
+
+    def _read_inputs(self, ids: Tensor) -> None:
+        super()._read_inputs(ids)
+        self.memory.batch_size = int(ids.shape[0])
 
     def stateful(self) -> list[Any]:
         """Every object whose attributes make up the cache's state (see :meth:`snapshot`)."""

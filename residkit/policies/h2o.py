@@ -21,7 +21,7 @@ Conventions (shared ones in :mod:`residkit.policies._eviction`):
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from residkit._validate import non_negative_int
@@ -35,6 +35,7 @@ def h2o_keep(
     scores: Float[Tensor, "batch n_kv_heads n"],
     budget: int,
     recent: int,
+    real: Bool[Tensor, "batch n_kv_heads n"] | None = None,
 ) -> Int[Tensor, "batch n_kv_heads k"]:
     """Indices of the ``recent`` most recent tokens plus the top scores among the others.
 
@@ -46,7 +47,7 @@ def h2o_keep(
     """
     recent_idx = top_k_sorted(positions, recent)
     priority = scores.double().scatter(-1, recent_idx, float("inf"))
-    return top_k_sorted(priority, budget)
+    return top_k_sorted(priority, budget, real)
 
 
 @dataclass(frozen=True)
@@ -101,4 +102,6 @@ class H2O(EvictionPolicy):
         layer.scores = layer.scores + per_kv_head(pattern, n_kv_heads).sum(2)
         if layer.kept() <= self.budget:
             return None
-        return h2o_keep(layer.positions, layer.scores, self.budget, self.recent_window)
+        return h2o_keep(
+            layer.positions, layer.scores, self.budget, self.recent_window, layer.real()
+        )

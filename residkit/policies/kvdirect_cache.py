@@ -35,6 +35,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import (
     CacheLayer,
+    Piece,
     hf_config,
     hook_points,
     install,
@@ -100,7 +101,8 @@ class KVDirectCache(PolicyCache):
 
     Attributes:
         evicted: Tokens ``[0, evicted)`` live only as checkpoints.
-        chunks: ``(start, token ids)`` of every forward, in order.
+        chunks: ``(start, token ids, position ids or None)`` of every forward, in order
+            (None: the default ``arange`` from ``start``).
         resid: Residual checkpoints per anchor layer (none in token mode).
         recomputed: K/V recomputed for the forward under way, per layer, until it reads them.
     """
@@ -121,7 +123,7 @@ class KVDirectCache(PolicyCache):
             install(self, layer, cache_layer)
         self.total = 0
         self.evicted = 0
-        self.chunks: list[tuple[int, Tensor]] = []
+        self.chunks: list[tuple[int, Tensor, Tensor | None]] = []
         anchors = self.plan.anchors if policy.checkpoint != "token" else []
         self.resid = {layer: ResidualCheckpoints() for layer in anchors}
         self.groups = self.plan.groups()
@@ -129,7 +131,7 @@ class KVDirectCache(PolicyCache):
         self.projector = KVProjector(model)
         self._rotary: dict[str, tuple[Tensor, Any]] = {}  # per layer type, for one forward
         self._transient = 0
-        self._span: tuple[int, list[tuple[Tensor, Tensor | None]]] = (0, [])
+        self._span: tuple[int, list[Piece]] = (0, [])
         self._watched = self._recompute_path()
 
     def stateful(self) -> list[Any]:
@@ -206,7 +208,7 @@ class KVDirectCache(PolicyCache):
         assert ids is not None
         self.recomputed.clear()
         self._rotary.clear()
-        self.chunks.append((self.total, ids))
+        self.chunks.append((self.total, ids, self.forward_positions))
         self.total += ids.shape[1]
         self.evicted = max(self.evicted, self.total - self.policy.budget)
         during = kv_bytes(self)  # the new chunk's K/V, before the window is trimmed
@@ -224,19 +226,32 @@ class KVDirectCache(PolicyCache):
 
     def checkpoint_bytes(self) -> int:
         """Bytes of the checkpoints (residual rows, or token ids in token mode)."""
+        positions = sum(nbytes(pos) for _, _, pos in self.chunks)  # only where not arange
         if self.policy.checkpoint == "token":
-            return sum(nbytes(ids) for _, ids in self.chunks)
-        return sum(store.nbytes for store in self.resid.values())
+            return sum(nbytes(ids) for _, ids, _ in self.chunks) + positions
+        return sum(store.nbytes for store in self.resid.values()) + positions
 
     def reserved_bytes(self) -> int:
         """Checkpoint bytes allocated, spare rows included (layer mode); token ids as held."""
         if self.policy.checkpoint == "token":
             return self.checkpoint_bytes()
-        return sum(store.reserved_bytes for store in self.resid.values())
+        positions = sum(nbytes(pos) for _, _, pos in self.chunks)
+        return sum(store.reserved_bytes for store in self.resid.values()) + positions
 
     # --- recompute ----------------------------------------------------------------------------
-    def _evicted_chunks(self) -> list[tuple[int, Tensor]]:
-        return [(start, ids) for start, ids in self.chunks if start < self.evicted]
+    def _evicted_chunks(self) -> list[tuple[int, Tensor, Tensor | None]]:
+        return [chunk for chunk in self.chunks if chunk[0] < self.evicted]
+
+    def _positions(self, start: int, ids: Tensor, given: Tensor | None) -> Tensor:
+        """The position ids a chunk was fed at (the default ``arange`` made explicit)."""
+        if given is not None:
+            return given
+        return torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
+
+    def _piece(self, start: int, ids: Tensor, given: Tensor | None, rows: Tensor | None) -> Piece:
+        end = start + ids.shape[1]
+        mask = None if self.mask is None else self.mask[:, :end]
+        return Piece(ids, self._positions(start, ids, given), mask, rows)
 
     def _recompute_layer(self, layer: int) -> None:
         """K/V of tokens [0, evicted) at ``layer`` from residual checkpoints (layer mode)."""
@@ -246,13 +261,16 @@ class KVDirectCache(PolicyCache):
         rows = self.resid[layer].rows()
         if self.policy.mode == "exact":
             # Whole original chunks: their GEMM shapes are what makes the K/V bitwise.
-            sizes: list[int] | None = [ids.shape[1] for _, ids in self._evicted_chunks()]
-            n = sum(sizes or [])
+            chunks = self._evicted_chunks()
+            sizes: list[int] | None = [ids.shape[1] for _, ids, _ in chunks]
         else:
-            sizes, n = None, self.evicted
+            chunks, sizes = self.chunks, None
+        n = sum(sizes) if sizes is not None else self.evicted
         kind = self.spec.layer_type(self.projector.config, layer)
         if kind not in self._rotary:
-            pos = torch.arange(n, device=rows.device).unsqueeze(0)
+            parts = [self._positions(*chunk) for chunk in chunks]
+            batch = max(p.shape[0] for p in parts)
+            pos = torch.cat([p.expand(batch, -1) for p in parts], dim=1)[:, :n]
             self._rotary[kind] = (pos, self.projector.position_embeddings(layer, rows, pos, sizes))
         pos, rotary = self._rotary[kind]
         k, v, _ = self.projector(layer, rows[:, :n], pos, chunks=sizes, position_embeddings=rotary)
@@ -264,15 +282,25 @@ class KVDirectCache(PolicyCache):
         self._transient = max(self._transient, nbytes(k, v) + nbytes(rows[:, :n]) + tables)
         self.memory.recompute_seconds += time.perf_counter() - t0
 
-    def _span_pieces(self, rows: Tensor | None) -> list[tuple[Tensor, Tensor | None]]:
+    def _span_pieces(self, rows: Tensor | None) -> list[Piece]:
         """The evicted span as (ids, residual rows) pieces: original chunks in exact mode."""
         if self.policy.mode == "exact":
             return [
-                (ids, None if rows is None else rows[:, start : start + ids.shape[1]])
-                for start, ids in self._evicted_chunks()
+                self._piece(
+                    start,
+                    ids,
+                    given,
+                    None if rows is None else rows[:, start : start + ids.shape[1]],
+                )
+                for start, ids, given in self._evicted_chunks()
             ]
-        ids = torch.cat([c for _, c in self.chunks], dim=1)[:, : self.evicted]
-        return [(ids, None if rows is None else rows[:, : self.evicted])]
+        ids = torch.cat([c for _, c, _ in self.chunks], dim=1)[:, : self.evicted]
+        batch = ids.shape[0]
+        pos = torch.cat(
+            [self._positions(*chunk).expand(batch, -1) for chunk in self.chunks], dim=1
+        )[:, : self.evicted]
+        mask = None if self.mask is None else self.mask[:, : self.evicted]
+        return [Piece(ids, pos, mask, None if rows is None else rows[:, : self.evicted])]
 
     def _replay_evicted(self) -> None:
         """K/V of tokens [0, evicted) at every global layer, replayed from token ids (token mode).
@@ -287,7 +315,7 @@ class KVDirectCache(PolicyCache):
         kv, held = replay_kv(self.model, self.spec.resid_pre_hook, 0, self.global_layers, pieces)
         for layer, (k, v) in kv.items():
             self.recomputed[layer] = (k[:, :, : self.evicted], v[:, :, : self.evicted])
-        self.memory.recomputed_tokens += sum(ids.shape[1] for ids, _ in pieces)
+        self.memory.recomputed_tokens += sum(piece.ids.shape[1] for piece in pieces)
         self._transient = max(self._transient, held)
         self.memory.recompute_seconds += time.perf_counter() - t0
 
@@ -313,10 +341,13 @@ class KVDirectCache(PolicyCache):
         )
         k, v = kv[layer]
         self.recomputed[layer] = (k[:, :, : self.evicted], v[:, :, : self.evicted])
-        self._span = (layer, [(ids, r) for (ids, _), r in zip(pieces, entering, strict=True)])
-        span = sum(ids.shape[1] for ids, _ in pieces)
+        self._span = (
+            layer,
+            [Piece(p.ids, p.positions, p.mask, r) for p, r in zip(pieces, entering, strict=True)],
+        )
+        span = sum(piece.ids.shape[1] for piece in pieces)
         self.memory.recomputed_tokens += span
-        rows = sum(nbytes(r) for _, r in pieces if r is not None)
+        rows = sum(nbytes(piece.resid) for piece in pieces)
         # Alive: the replay's cache, the span's residual in and the one kept out.
         self._transient = max(self._transient, held + rows + nbytes(*entering))
         self.memory.recompute_seconds += time.perf_counter() - t0

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._bridge import kv_bytes, nbytes, new_cache, replay_cache
+from residkit._bridge import Piece, kv_bytes, nbytes, new_cache, replay_cache
 from residkit.policies.base import CachePolicy, PolicyCache
 
 __all__ = ["NoCache", "RecomputeAllCache"]
@@ -27,20 +27,34 @@ class RecomputeAllCache(PolicyCache):
     def __init__(self, model: TransformerBridge, policy: CachePolicy) -> None:
         super().__init__(model, policy)
         self.ids: Tensor | None = None
+        self.positions: Tensor | None = None  # only where the forwards were given other ones
         self.seen = 0
 
     def begin_forward(self, ids: Tensor) -> None:
         if self.ids is None:
             self.layers = new_cache(self.model).layers
-        else:
-            self.layers = replay_cache(self.model, self.ids).layers
+            return
+        positions = self.positions
+        if positions is None:
+            positions = torch.arange(self.seen, device=ids.device).unsqueeze(0)
+        mask = None if self.mask is None else self.mask[:, : self.seen]
+        self.layers = replay_cache(self.model, Piece(self.ids, positions, mask)).layers
 
     def end_forward(self) -> None:
         now = self.forward_ids
         assert now is not None
+        given = self.forward_positions
+        if given is not None or self.positions is not None:
+            start = self.seen
+            past = self.positions
+            if past is None:
+                past = torch.arange(start, device=now.device).expand(now.shape[0], start)
+            if given is None:
+                given = torch.arange(start, start + now.shape[1], device=now.device)
+            self.positions = torch.cat([past, given.expand(now.shape[0], -1)], dim=1)
         self.ids = now if self.ids is None else torch.cat([self.ids, now], dim=1)
         self.seen = self.ids.shape[1]
-        self.memory.record(0, nbytes(self.ids), kv_bytes(self))
+        self.memory.record(0, nbytes(self.ids, self.positions), kv_bytes(self))
         self.layers = new_cache(self.model).layers  # nothing is kept between forwards
 
     def get_seq_length(self, *args: Any, **kwargs: Any) -> int:

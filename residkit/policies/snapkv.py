@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from residkit._validate import choice, positive_int
@@ -48,6 +48,7 @@ def snapkv_keep(
     window_size: int,
     kernel_size: int,
     pooling: str = "avg",
+    real: Bool[Tensor, "batch n_kv_heads n"] | None = None,
 ) -> Int[Tensor, "batch n_kv_heads k"]:
     """Indices kept by SnapKV from one chunk's per-KV-head attention ``pattern``.
 
@@ -69,7 +70,7 @@ def snapkv_keep(
         flat = votes.reshape(b * h, 1, prefix)
         pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
         votes = pool(flat, kernel_size, stride=1, padding=kernel_size // 2).reshape(b, h, prefix)
-    chosen = top_k_sorted(votes, budget - w)
+    chosen = top_k_sorted(votes, budget - w, None if real is None else real[..., :prefix])
     tail = torch.arange(prefix, n, device=pattern.device).expand(b, h, w)
     return torch.cat([chosen, tail], dim=-1)
 
@@ -136,7 +137,7 @@ class SnapKV(EvictionPolicy):
         if n_new > 1:
             grouped = per_kv_head(pattern, n_kv_heads)
             return snapkv_keep(
-                grouped, self.budget, self.window_size, self.kernel_size, self.pooling
+                grouped, self.budget, self.window_size, self.kernel_size, self.pooling, layer.real()
             )
         if self.decode == "window":
             return window_keep(layer.positions, self.budget)

@@ -34,7 +34,9 @@ __all__ = ["StreamingLLM", "streaming_keep"]
 def streaming_keep(
     positions: Int[Tensor, "batch n_kv_heads n"], budget: int, n_sink: int
 ) -> Int[Tensor, "batch n_kv_heads k"]:
-    """Indices of the sink positions (``< n_sink``) and the most recent of the rest.
+    """Indices of the sink positions (``0 <= p < n_sink``) and the most recent of the rest.
+
+    Positions count from each row's first real token (left padding is negative, never a sink).
 
     Examples:
         >>> positions = torch.arange(8).view(1, 1, 8)
@@ -42,7 +44,8 @@ def streaming_keep(
         [[[0, 5, 6, 7]]]
     """
     # Sinks outrank every other token; the rest rank by recency.
-    priority = torch.where(positions < n_sink, positions.new_tensor(2**62), positions)
+    sink = (positions >= 0) & (positions < n_sink)
+    priority = torch.where(sink, positions.new_tensor(2**62), positions)
     return top_k_sorted(priority, budget)
 
 
@@ -93,4 +96,4 @@ class StreamingLLM(EvictionPolicy):
         assert layer.positions is not None
         if layer.kept() <= self.budget:
             return None
-        return streaming_keep(layer.positions, self.budget, self.n_sink)
+        return streaming_keep(layer.relative_positions(), self.budget, self.n_sink)

@@ -20,7 +20,7 @@ Conventions (shared ones in :mod:`residkit.policies._eviction`):
 
 from dataclasses import dataclass
 
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from residkit.policies._eviction import EvictionLayer, EvictionPolicy, top_k_sorted
@@ -29,7 +29,10 @@ __all__ = ["TOVA", "tova_keep"]
 
 
 def tova_keep(
-    pattern: Float[Tensor, "batch n_heads q n"], budget: int, n_kv_heads: int
+    pattern: Float[Tensor, "batch n_heads q n"],
+    budget: int,
+    n_kv_heads: int,
+    real: Bool[Tensor, "batch n_kv_heads n"] | None = None,
 ) -> Int[Tensor, "batch n_kv_heads k"]:
     """Indices of the ``budget`` tokens the last query row attends to most (head mean).
 
@@ -40,7 +43,7 @@ def tova_keep(
         [[[1, 2]]]
     """
     scores = pattern[:, :, -1, :].double().mean(1)  # [batch, n]
-    index = top_k_sorted(scores.unsqueeze(1), budget)
+    index = top_k_sorted(scores.unsqueeze(1), budget, None if real is None else real[:, :1])
     return index.expand(-1, n_kv_heads, -1)
 
 
@@ -72,4 +75,4 @@ class TOVA(EvictionPolicy):
         assert pattern is not None
         if layer.kept() <= self.budget:
             return None
-        return tova_keep(pattern, self.budget, n_kv_heads)
+        return tova_keep(pattern, self.budget, n_kv_heads, layer.real())

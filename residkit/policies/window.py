@@ -64,4 +64,4 @@ class Window(EvictionPolicy):
         assert layer.positions is not None
         if layer.kept() <= self.budget:
             return None
-        return window_keep(layer.positions, self.budget)
+        return window_keep(layer.positions, self.budget)  # padding is oldest: ranked last
