@@ -32,7 +32,7 @@ full, so its KL is 0 for every policy; the differences start at step 1.
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -47,7 +47,7 @@ from residkit._bridge import hf_config, n_kv_heads
 from residkit._entry import entry
 from residkit._validate import choice, non_negative_int, positive_int
 from residkit.architectures import SCOPES, Scope, spec_for
-from residkit.capture import to_tokens
+from residkit.capture import Inputs, to_tokens
 from residkit.generation.engine import Generation, Generations, decode_loop, generate, next_logits
 from residkit.generation.engine import prefill as prefill_cache
 from residkit.generation.sampling import Sampler
@@ -283,7 +283,7 @@ def compare_policies(
     ) -> list[Generation]:
         out = generate(
             model,
-            group if len(group) > 1 else group[0],
+            cast(Inputs, group if len(group) > 1 else group[0]),
             max_new_tokens=max_new_tokens,
             policy=policy,
             return_logits=True,

@@ -6,7 +6,7 @@ import torch
 
 import residkit
 from residkit import KVDirect
-from residkit._bridge import cached_forward, kv_bytes, layer_kv, new_cache, replay_kv
+from residkit._bridge import Piece, cached_forward, kv_bytes, layer_kv, new_cache, replay_kv
 from residkit._bridge.model import hf_config
 from residkit.architectures import spec_for
 from residkit.policies.plans import plan_bytes, resolve
@@ -69,20 +69,24 @@ def test_replay_rebuilds_the_model_kv_and_detects_a_wrong_anchor() -> None:
         cached_forward(model, ids[:, :19], cache)
         cached_forward(model, ids[:, 19:], cache)
     pieces = [ids[:, :19], ids[:, 19:]]
-    rebuilt, _ = replay_kv(model, hook, 1, [1, 2, 3], list(zip(pieces, saved[1], strict=True)))
+    starts = [0, 19]
+
+    def fed(ids_rows, saved_rows, shift=0):
+        return [
+            Piece(p, torch.arange(s, s + p.shape[1]).unsqueeze(0) + shift, None, r)
+            for s, p, r in zip(starts, ids_rows, saved_rows, strict=True)
+        ]
+
+    rebuilt, _ = replay_kv(model, hook, 1, [1, 2, 3], fed(pieces, saved[1]))
     for layer, (k, v) in rebuilt.items():
         ref_k, ref_v = layer_kv(cache, layer)  # type: ignore[misc]
         assert torch.equal(k, ref_k) and torch.equal(v, ref_v)
     ref = layer_kv(cache, 2)[0]  # type: ignore[index]
     # Negative controls: the residual of the wrong layer; the chunks fed at shifted positions.
-    wrong = replay_kv(model, hook, 1, [2], list(zip(pieces, saved[2], strict=True)))[0][2][0]
+    wrong = replay_kv(model, hook, 1, [2], fed(pieces, saved[2]))[0][2][0]
     assert not torch.equal(wrong, ref)
-    late = [
-        (torch.cat([ids[:, :1], p], dim=1), torch.cat([r[:, :1], r], dim=1))
-        for p, r in zip(pieces, saved[1], strict=True)
-    ]
-    shifted = replay_kv(model, hook, 1, [2], late[:1])[0][2][0]
-    assert not torch.equal(shifted[:, :, 1:], ref[:, :, :19])
+    shifted = replay_kv(model, hook, 1, [2], fed(pieces, saved[1], shift=1))[0][2][0]
+    assert not torch.equal(shifted, ref)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

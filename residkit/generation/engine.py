@@ -14,18 +14,18 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
+from typing import Any, overload
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._bridge import cached_forward, generation_config, muted_hook_points, new_cache
+from residkit._bridge import cached_forward, muted_hook_points, new_cache
 from residkit._entry import entry
 from residkit._validate import non_negative_int
 from residkit.capture import Inputs, to_tokens
-from residkit.generation.feed import Feed, is_batch, pad_id
+from residkit.generation.feed import Feed, eos_ids, is_batch, pad_id
 from residkit.generation.results import Generation, Generations, GenerationStats
 from residkit.generation.sampling import Sampler, check_sampling, sample_next
 from residkit.policies import CachePolicy, KVDirect, resolve_policy
@@ -76,16 +76,6 @@ def prefill(
     return logits
 
 
-def eos_ids(model: TransformerBridge) -> set[int]:
-    """Token ids that end generation: the tokenizer's EOS and the generation config's, as HF's
-    ``generate`` stops on the latter (Gemma lists several)."""
-    ids: set[int] = set()
-    tok_eos = getattr(model.tokenizer, "eos_token_id", None)
-    for e in (tok_eos, getattr(generation_config(model), "eos_token_id", None)):
-        ids.update([e] if isinstance(e, int) else list(e or []))
-    return ids
-
-
 def decode_loop(
     step: Callable[[Tensor], Tensor],
     logits: Tensor | None,
@@ -132,7 +122,19 @@ def decode_loop(
 _KVDIRECT_OPTIONS = {f.name for f in fields(KVDirect)} - {"budget"}
 
 
+@overload
+def generate_kvdirect(model: TransformerBridge, prompt: str, **options: Any) -> Generation: ...
+@overload
 def generate_kvdirect(
+    model: TransformerBridge, prompt: list[str] | tuple[str, ...], **options: Any
+) -> Generations: ...
+@overload
+def generate_kvdirect(
+    model: TransformerBridge, prompt: Inputs, **options: Any
+) -> Generation | Generations: ...
+
+
+def generate_kvdirect(  # type: ignore[misc]
     model: TransformerBridge, prompt: Inputs, *, budget: int = 64, **options: Any
 ) -> Generation | Generations:
     """Decode with KV-Direct: :func:`generate` with ``policy=KVDirect(budget, ...)``.
@@ -177,7 +179,19 @@ class _Shadow:
         return logits
 
 
-@entry
+@overload
+def generate(model: TransformerBridge, prompt: str, **options: Any) -> Generation: ...
+@overload
+def generate(
+    model: TransformerBridge, prompt: list[str] | tuple[str, ...], **options: Any
+) -> Generations: ...
+@overload
+def generate(
+    model: TransformerBridge, prompt: Inputs, **options: Any
+) -> Generation | Generations: ...
+
+
+@entry  # type: ignore[misc]  # the overloads above only tell a prompt's type from the result's
 @torch.no_grad()
 def generate(
     model: TransformerBridge,

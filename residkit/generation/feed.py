@@ -20,9 +20,10 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._bridge import generation_config
 from residkit.capture import Inputs, to_tokens
 
-__all__ = ["Feed", "is_batch", "pad_id"]
+__all__ = ["Feed", "eos_ids", "is_batch", "pad_id"]
 
 
 def is_batch(prompt: Inputs) -> bool:
@@ -32,12 +33,20 @@ def is_batch(prompt: Inputs) -> bool:
     return not isinstance(prompt, str) and isinstance(prompt, Sequence)
 
 
+def eos_ids(model: TransformerBridge) -> set[int]:
+    """Token ids that end generation: the tokenizer's EOS and the generation config's, as HF's
+    ``generate`` stops on the latter (Gemma lists several)."""
+    ids: set[int] = set()
+    tok_eos = getattr(model.tokenizer, "eos_token_id", None)
+    for e in (tok_eos, getattr(generation_config(model), "eos_token_id", None)):
+        ids.update([e] if isinstance(e, int) else list(e or []))
+    return ids
+
+
 def pad_id(model: TransformerBridge) -> int:
     """The id a padded position and a finished row hold: the generation config's
     ``pad_token_id``, else the tokenizer's, else its first EOS (as transformers' generate)."""
-    from residkit.generation.engine import eos_ids
-
-    config = getattr(model.original_model, "generation_config", None)
+    config = generation_config(model)
     for candidate in (
         getattr(config, "pad_token_id", None),
         getattr(model.tokenizer, "pad_token_id", None),

@@ -146,9 +146,9 @@ def run(models: dict[str, TransformerBridge], sizes: Sizes, progress: bool) -> C
                     name,
                     "the same on a GPU (CUDA, bf16 and float32)",
                     "up to 5x",
-                    "not measured",
+                    "not measured on a GPU",
                     NOT_APPLICABLE,
-                    "no GPU in this run; the same function runs there unchanged",
+                    "no GPU in this run; `python benchmarks/gpu.py` measures it there",
                 )
             )
         fig.add_hline(y=1.0, line_dash="dot", annotation_text="recompute as fast as a read")
