@@ -110,10 +110,10 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="the zoo llama (smoke run)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--context", type=int, default=256, help="prompt tokens per row")
-    parser.add_argument("--new", type=int, default=16, help="tokens decoded per row")
-    parser.add_argument("--budget", type=int, default=64, help="KV-Direct's budget")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--context", type=int, default=128, help="prompt tokens per row")
+    parser.add_argument("--new", type=int, default=9, help="tokens decoded per row")
+    parser.add_argument("--budget", type=int, default=32, help="KV-Direct's budget")
+    parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
     if args.tiny:
         args.model, args.batches, args.context, args.new, args.runs = "zoo:llama", [1, 2], 32, 4, 1

