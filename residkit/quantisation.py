@@ -40,7 +40,13 @@ from transformer_lens.model_bridge import TransformerBridge
 from residkit._entry import entry
 from residkit.spectra import QKSpectra, check_energy, qk_spectra
 
-__all__ = ["QUANTISABLE", "RequantisationEffect", "requantisation_effect", "requantise"]
+__all__ = [
+    "QUANTISABLE",
+    "RequantisationEffect",
+    "attention_weight_types",
+    "requantisation_effect",
+    "requantise",
+]
 
 QUANTISABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 """GGUF types gguf's Python quantiser implements (its K-quants only dequantise)."""
@@ -153,12 +159,28 @@ class RequantisationEffect:
         return fig
 
 
-def _default_qtype(model: TransformerBridge) -> str:
+def attention_weight_types(model: TransformerBridge) -> set[str]:
+    """GGUF types of the W_Q and W_K weight matrices of a real model (empty for any other:
+    its provenance records none). Their biases, where a model has them, are float32 and left out.
+
+    Examples:
+        >>> import residkit
+        >>> attention_weight_types(residkit.load("zoo:llama"))
+        set()
+    """
     from residkit.registry import provenance
 
     meta = provenance(model)
     types: dict[str, Any] = (meta or {}).get("tensor_types", {})
-    used = {types[k] for k in types if ".attn_q." in k or ".attn_k." in k}
+    return {
+        str(types[k])
+        for k in types
+        if (".attn_q." in k or ".attn_k." in k) and k.endswith(".weight")
+    }
+
+
+def _default_qtype(model: TransformerBridge) -> str:
+    used = attention_weight_types(model)
     if len(used) == 1 and (only := used.pop()) in QUANTISABLE:
         return str(only)
     raise ValueError(

@@ -17,7 +17,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import hf_config
 from residkit.architectures import spec_for
-from residkit.quantisation import requantisation_effect
+from residkit.quantisation import QUANTISABLE, attention_weight_types, requantisation_effect
 from residkit.registry import provenance
 from residkit.reproduction.base import (
     DIFFERS,
@@ -105,11 +105,24 @@ def run(models: dict[str, TransformerBridge], sizes: Sizes, progress: bool) -> C
                     REPRODUCED if near_one else DIFFERS,
                     ""
                     if near_one
-                    else "model size: these 135M-270M models' first layers are low rank (a few "
-                    "directions of 64-256) but not rank 1",
+                    else f"measured: this model's layer-0 heads are low rank ({int(layer0.min())}-"
+                    f"{int(layer0.max())} directions of {spectra.d_head}) but not rank 1",
                 )
             )
-        if provenance(model) is not None:
+        types = attention_weight_types(model)
+        if provenance(model) is not None and not (len(types) == 1 and types <= set(QUANTISABLE)):
+            rows.append(
+                Row(
+                    name,
+                    "one more round of the GGUF's own noise on W_Q, W_K",
+                    "(the paper's weights are bf16)",
+                    "not measured",
+                    NOT_APPLICABLE,
+                    f"W_Q, W_K are {', '.join(sorted(types))} in this GGUF; gguf's Python "
+                    f"quantiser makes only {', '.join(QUANTISABLE)}, so no bound here",
+                )
+            )
+        elif provenance(model) is not None:
             bound = requantisation_effect(model)
             rows.append(
                 Row(
