@@ -355,20 +355,14 @@ def fetch(
 
 def _check_disk(model: RealModel, where: Path, say: Callable[[str], None]) -> None:
     """Say the disk a fetch needs; a :class:`ModelFetchError` before any download if it is not
-    free (a full disk half way through would leave nothing, but after minutes of work)."""
-    if not model.converted_bytes:
-        return
+    free (a full disk half way would leave nothing, but after minutes of work)."""
     need, free = model.disk_bytes, shutil.disk_usage(where).free
     say(
-        f"residkit: {model.name} needs {need / 1e9:.1f} GB of free disk at {where} while it is "
-        f"fetched ({model.converted_bytes / 1e9:.1f} GB once converted); {free / 1e9:.1f} GB free"
+        f"residkit: {model.name} needs {need / 1e9:.1f} GB free at {where}; {free / 1e9:.1f} GB free"
     )
-    if free < need:
-        raise _fail(
-            model,
-            f"not enough free disk at {where}: {need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB "
-            "free (set RESIDKIT_HOME to a larger disk)",
-        )
+    if model.converted_bytes and free < need:
+        raise _fail(model, f"not enough free disk at {where}: {need / 1e9:.1f} GB needed, "
+                    f"{free / 1e9:.1f} GB free (set RESIDKIT_HOME to a larger disk)")  # fmt: skip
 
 
 def remove(name: str) -> bool:
