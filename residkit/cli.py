@@ -137,6 +137,9 @@ def _verify(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from residkit.reproduction import CLAIMS, reproduce
 
+    bad = [item for item in args.not_run or [] if "=" not in item]
+    if bad:
+        return _fail("reproduce", f"--not-run takes CLAIM=WHY, got {bad}")
     unknown = sorted(set(args.claims or []) - set(CLAIMS))
     if unknown:
         return _fail("reproduce", f"unknown claim(s) {unknown}; known: {', '.join(CLAIMS)}")
@@ -154,6 +157,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             quick=args.quick,
             cache=None if args.fresh else "default",
             report_path=args.report,
+            not_run=dict(item.split("=", 1) for item in args.not_run or []),
         )
     except (OSError, ValueError, TypeError) as err:
         return _fail("reproduce", err)
@@ -166,6 +170,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         parts = ["residkit reproduce"] + [f"--model {m}" for m in args.model or []]
         parts += [f"--claims {' '.join(args.claims)}"] if args.claims else []
         parts += ["--quick"] if args.quick else []
+        parts += [f'--not-run "{item}"' for item in args.not_run or []]
         parts += [f"--report {args.report}"] if args.report else []
         command = " ".join([*parts, f"--markdown {args.markdown}"])
         page = write_markdown(result, args.markdown, command=command, report_path=args.report)
@@ -213,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--quick", action="store_true", help="reduced sizes: minutes, not an hour")
     r.add_argument("--fresh", action="store_true", help="ignore results cached by earlier runs")
+    r.add_argument(
+        "--not-run",
+        action="append",
+        metavar="CLAIM=WHY",
+        help="leave a claim out, with a row saying why (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.command == "reproduce":
         return _reproduce(args)

@@ -185,3 +185,16 @@ def test_markdown_page_has_every_claim_and_row(run, tmp_path: Path) -> None:
         assert f"## {claim}: " in text
     assert text.count("| reproduced |") == (result.table["verdict"] == "reproduced").sum()
     assert "D_KL(source \\|\\| patched)" in text  # pipes escaped inside table cells
+
+
+def test_a_claim_left_out_keeps_a_row_saying_why() -> None:
+    result = reproduce(
+        ["zoo:llama"], claims=["anatomy", "baselines"], quick=True, cache=None, progress=False,
+        not_run={"baselines": "about 78 minutes on 2 cores"},
+    )  # fmt: skip
+    row = result.table[result.table["claim"] == "baselines"].iloc[0]
+    assert row["residkit"] == "not run: about 78 minutes on 2 cores"
+    assert row["verdict"] == "not applicable" and row["model"] == "zoo:llama"
+    assert (result.table["claim"] == "anatomy").any()
+    with pytest.raises(ValueError, match="unknown claim"):
+        reproduce(["zoo:llama"], quick=True, cache=None, not_run={"lunch": "x"})
