@@ -292,3 +292,18 @@ def test_compare_policies_in_batches_agrees_with_one_at_a_time() -> None:
         assert (alone[column] - together[column]).abs().max() < 1e-4
     with pytest.raises(ValueError, match="batch_size > 1 takes prompts as strings"):
         compare_policies(model, [torch.tensor([1, 2, 3])] * 2, batch_size=2, **kw)
+
+
+def test_bad_batch_inputs_are_refused_by_name(no_leaked_hooks) -> None:
+    from residkit.comparison import compare_policies
+
+    model = get_model("llama")
+    with no_leaked_hooks(model):
+        with pytest.raises(ValueError, match="empty list of prompts"):
+            residkit.generate(model, [], max_new_tokens=2)
+        with pytest.raises(ValueError, match=r"forced_tokens has shape \(3, 4\)"):
+            residkit.generate(
+                model, PROMPTS, max_new_tokens=4, forced_tokens=torch.ones(3, 4, dtype=torch.long)
+            )
+        with pytest.raises(ValueError, match="batch_size"):
+            compare_policies(model, PROMPTS, budgets=[4], batch_size=0, progress=False)
