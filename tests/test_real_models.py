@@ -139,3 +139,29 @@ def test_requantisation_bound(real) -> None:
     shifted = requantisation_effect(real)
     assert shifted.weight_rel_error > 0.01  # negative control: the shifted round is noise
     assert shifted.max_abs_delta <= 2
+
+
+@torch.no_grad()
+def test_token_checkpoints_over_2000_tokens_a_quarter_of_the_full_cache() -> None:
+    """Token checkpoints replayed layer by layer: peak total bytes (active K/V during a
+    forward + token ids + the replay's transients) at most 0.25x the full cache's, measured
+    from the tensors over 2,000 tokens of context, and the logits bitwise the full cache's."""
+    from residkit.reproduction.prompts import text
+
+    model = get_real("smollm2-135m-instruct")
+    ids = model.to_tokens(text("code-difflib"))[:, :1998]
+    kw = {"max_new_tokens": 2, "return_logits": True, "stop_at_eos": False}
+    # The same prefill chunks on both sides: other GEMM shapes would give other bits.
+    full = residkit.generate(model, ids, policy=residkit.FullCache(prefill_chunk=128), **kw)
+    policy = residkit.KVDirect(32, "token", prefill_chunk=128)
+    kvd = residkit.generate(model, ids, policy=policy, **kw)
+    assert kvd.logits is not None and full.logits is not None
+    assert torch.equal(kvd.tokens, full.tokens)
+    assert torch.equal(kvd.logits, full.logits)
+    assert not torch.equal(kvd.logits[1], full.logits[0])  # control: a shifted step differs
+    # Control: the full cache's peak is its K/V for the 1,999 tokens fed, from the config.
+    cfg = model.cfg
+    per_token = cfg.n_layers * 2 * cfg.n_key_value_heads * cfg.d_head * 4
+    assert full.stats.peak_total_bytes == 1999 * per_token
+    ratio = kvd.stats.peak_total_bytes / full.stats.peak_total_bytes
+    assert kvd.stats.peak_transient_bytes > 0 and ratio <= 0.25, ratio

@@ -115,6 +115,7 @@ def replay_kv(
     layers: Sequence[int],
     chunks: Sequence[Piece],
     capture: list[Tensor] | None = None,
+    release: bool = False,
 ) -> tuple[dict[int, tuple[Tensor, Tensor]], int]:
     """K/V at ``layers`` (each >= ``start``) of a span, rebuilt from residuals at ``start``.
 
@@ -128,6 +129,9 @@ def replay_kv(
             stream at ``start``; with ``start == 0`` the ids are the input.
         capture: If a list, each chunk's residual entering the top layer is appended to it
             (to continue the replay from there).
+        release: Drop each piece's residual (``piece.resid = None``) once it has gone through,
+            so the span's residual in and out are never both alive whole: at most the span
+            plus one piece.
 
     Returns:
         ``{layer: (keys, values)}``, each ``[batch, n_kv_heads, span, d_head]``, and the bytes the
@@ -152,11 +156,15 @@ def replay_kv(
                 hooks.append((resid_pre_hook.format(layer=top), _Keep(capture)))
             with temporary_hooks(model, hooks), contextlib.suppress(_Done):
                 cached_forward(model, piece.ids, cache, return_type=None, **piece.forward_kwargs())
+            like = piece.resid if piece.resid is not None else piece.ids.float()
+            if release:
+                hooks.clear()
+                piece.resid = None
             # After the chunk, as the skipped blocks' own caches would have grown (in the
             # residual's dtype and on its device, never read).
             batch, n = piece.ids.shape
-            like = piece.resid if piece.resid is not None else piece.ids.float()
             empty = like.new_zeros(batch, kv_heads, n, 1)
+            del like
             for skipped in below:
                 skipped.update(empty, empty)
     out = {}

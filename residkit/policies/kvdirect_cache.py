@@ -6,7 +6,9 @@ whose *global* layers are :class:`KVDirectLayer` objects. In every forward it is
 1. a hook on ``blocks.{l}.hook_resid_pre`` keeps the residual of the chunk entering anchor layer
    ``l`` and, before the block runs, recomputes the K/V of the evicted tokens from their
    checkpoints (so only one layer's recomputed K/V is alive at a time); in token mode the evicted
-   span is replayed from its token ids once the forward claims the cache, before any block runs;
+   span is replayed from its token ids one stretch of blocks at a time, in step with the
+   forward: before global layer ``l`` runs, the span's residual is carried from the previous
+   global layer up to ``l`` and ``l``'s K/V are taken on the way;
 2. the layer's ``update(k, v)`` returns ``[recomputed ; active window ; new]``, the full key
    sequence at the original absolute positions (the layer reports absolute lengths to the mask
    and position code, since ``update()`` itself receives no positions);
@@ -16,7 +18,9 @@ whose *global* layers are :class:`KVDirectLayer` objects. In every forward it is
 How evicted K/V come back, per plan (:mod:`residkit.policies.plans`): projected from a layer's
 checkpoint (norm + K/V projections, :class:`residkit.projector.KVProjector`); replayed from an
 anchor's checkpoint through the blocks above it, one block at a time in step with the forward
-(stride plans); or replayed from the token ids through the whole stack (token checkpoints).
+(stride plans); or replayed from the token ids the same way, block by block from block 0 (token
+checkpoints: the replay's peak is the span's residual in and out plus the K/V of the blocks
+just replayed, never a whole cache).
 In exact mode every original chunk is recomputed with its original shape, which is what makes
 the K/V bitwise the model's own.
 """
@@ -139,10 +143,12 @@ class KVDirectCache(PolicyCache):
 
     # --- hooks --------------------------------------------------------------------------------
     def forward_hooks(self) -> list[tuple[str, Any]]:
-        if self.policy.checkpoint == "token":
-            return []
-        rebuilt = [m for a, members in self.groups.items() for m in members if m != a]
         name = self.spec.resid_pre_hook.format
+        if self.policy.checkpoint == "token":
+            return [
+                (name(layer=layer), partial(self._at_token, layer)) for layer in self.global_layers
+            ]
+        rebuilt = [m for a, members in self.groups.items() for m in members if m != a]
         return [(name(layer=layer), partial(self._at_anchor, layer)) for layer in self.resid] + [
             (name(layer=layer), partial(self._at_rebuilt, layer)) for layer in rebuilt
         ]
@@ -191,6 +197,12 @@ class KVDirectCache(PolicyCache):
     def _at_rebuilt(self, layer: int, act: Tensor, hook: object) -> None:
         self._advance_span(layer)
 
+    def _at_token(self, layer: int, act: Tensor, hook: object) -> None:
+        """Before global ``layer`` runs (token mode): carry the span's replay up to it."""
+        if self.evicted and layer == self.global_layers[0]:
+            self._span = (0, self._span_pieces(None))  # from the ids, at block 0
+        self._advance_span(layer)
+
     # --- one forward --------------------------------------------------------------------------
     def begin_forward(self, ids: Tensor) -> None:
         check_window(self.limit, self.total + ids.shape[1])
@@ -200,14 +212,13 @@ class KVDirectCache(PolicyCache):
                 f"this KVDirect was planned for context={planned} tokens; the sequence would "
                 f"reach {self.total + ids.shape[1]}"
             )
-        if self.policy.checkpoint == "token":
-            self._replay_evicted()
 
     def end_forward(self) -> None:
         ids = self.forward_ids
         assert ids is not None
         self.recomputed.clear()
         self._rotary.clear()
+        self._span = (0, [])  # the replay's residual lives for one forward only
         self.chunks.append((self.total, ids, self.forward_positions))
         self.total += ids.shape[1]
         self.evicted = max(self.evicted, self.total - self.policy.budget)
@@ -302,23 +313,6 @@ class KVDirectCache(PolicyCache):
         mask = None if self.mask is None else self.mask[:, : self.evicted]
         return [Piece(ids, pos, mask, None if rows is None else rows[:, : self.evicted])]
 
-    def _replay_evicted(self) -> None:
-        """K/V of tokens [0, evicted) at every global layer, replayed from token ids (token mode).
-
-        The replay stops once the top global layer has its K/V: the blocks above it and the
-        unembedding cannot change any K/V.
-        """
-        if self.evicted == 0:
-            return
-        t0 = time.perf_counter()
-        pieces = self._span_pieces(None)
-        kv, held = replay_kv(self.model, self.spec.resid_pre_hook, 0, self.global_layers, pieces)
-        for layer, (k, v) in kv.items():
-            self.recomputed[layer] = (k[:, :, : self.evicted], v[:, :, : self.evicted])
-        self.memory.recomputed_tokens += sum(piece.ids.shape[1] for piece in pieces)
-        self._transient = max(self._transient, held)
-        self.memory.recompute_seconds += time.perf_counter() - t0
-
     def _start_span(self, anchor: int) -> None:
         """At an anchor with layers to rebuild above it: its own K/V, and the span to carry up."""
         self._recompute_layer(anchor)
@@ -328,16 +322,24 @@ class KVDirectCache(PolicyCache):
     def _advance_span(self, layer: int) -> None:
         """Before rebuilt layer ``layer`` runs: replay the span from where it was up to here.
 
-        One block at a time, in step with the forward, so only the span's residual and the
-        K/V of the blocks just replayed are alive, never the whole group's K/V at once.
+        One block at a time, in step with the forward, so only the span's residual (in, and out
+        as each piece passes) and the K/V of the blocks just replayed are alive, never the whole
+        group's K/V at once.
         """
         if self.evicted == 0:
             return
         t0 = time.perf_counter()
         start, pieces = self._span
+        rows = sum(nbytes(piece.resid) for piece in pieces)
         entering: list[Tensor] = []
         kv, held = replay_kv(
-            self.model, self.spec.resid_pre_hook, start, [layer], pieces, capture=entering
+            self.model,
+            self.spec.resid_pre_hook,
+            start,
+            [layer],
+            pieces,
+            capture=entering,
+            release=True,
         )
         k, v = kv[layer]
         self.recomputed[layer] = (k[:, :, : self.evicted], v[:, :, : self.evicted])
@@ -347,7 +349,8 @@ class KVDirectCache(PolicyCache):
         )
         span = sum(piece.ids.shape[1] for piece in pieces)
         self.memory.recomputed_tokens += span
-        rows = sum(nbytes(piece.resid) for piece in pieces)
-        # Alive: the replay's cache, the span's residual in and the one kept out.
-        self._transient = max(self._transient, held + rows + nbytes(*entering))
+        # Alive at once: the replay's cache, and the span's residual: the pieces still to go in
+        # and those already out, so the span plus the piece going through.
+        largest = max(nbytes(e) for e in entering)
+        self._transient = max(self._transient, held + max(rows, nbytes(*entering)) + largest)
         self.memory.recompute_seconds += time.perf_counter() - t0

@@ -219,9 +219,10 @@ def peak_bound(
     """An upper bound on a session's ``peak_total_bytes`` under ``plan`` (float32).
 
     Held: :func:`plan_bytes` with the active window grown by one forward's ``chunk``,
-    checkpoint buffers with their 1/8 spare rows; transient: the largest replay cache (every
-    layer from the anchor up, the whole span) or one layer's recomputed K/V, the residual rows
-    fed in and carried out, rotary tables, and a checkpoint buffer copied while it grows.
+    checkpoint buffers with their 1/8 spare rows; transient: the largest replay cache (the
+    blocks between two consecutive rebuilt layers, the whole span; replays run in step with the
+    forward) or one layer's recomputed K/V, the residual rows fed in and carried out, rotary
+    tables, and a checkpoint buffer copied while it grows.
     """
     kv = 2 * _heads(config)[1] * _heads(config)[2] * 4
     d = config.hidden_size * 4
@@ -231,17 +232,17 @@ def peak_bound(
     groups = plan.groups()
     transient = 0
     if any(len(members) > 1 or anchor >= 0 for anchor, members in groups.items()):
-        # Layers whose K/V one replay holds at once: from the ids, everything up to the top;
-        # from an anchor, the blocks between two consecutive rebuilt layers.
+        # Layers whose K/V one replay holds at once: the blocks between two consecutive
+        # rebuilt layers (from the ids, block 0 is the first point), plus the one-wide stubs
+        # the skipped blocks below hold (``residkit._bridge.replay``).
         depth = 1
         for anchor, members in groups.items():
             points = [max(anchor, 0), *[m for m in members if m != anchor]]
-            if anchor < 0:
-                depth = max(depth, max(members) + 1)
             for low, high in itertools.pairwise(points):
                 depth = max(depth, high - low + 1)
         rotary = 4 * context * _heads(config)[2] * 4
-        transient = depth * kv * context + 2 * d * context + rotary
+        stubs = 2 * _heads(config)[1] * 4 * context * config.num_hidden_layers
+        transient = depth * kv * context + 2 * d * context + rotary + stubs
     growth = d * context * 9 // 8 if anchors else 0
     return held + spare + transient + growth
 
