@@ -290,8 +290,14 @@ def test_compare_policies_in_batches_agrees_with_one_at_a_time() -> None:
     assert list(alone["token_match"]) == list(together["token_match"])
     for column in ("mean_kl", "free_mean_kl"):  # KL of logits equal up to ROW_VS_ALONE
         assert (alone[column] - together[column]).abs().max() < 1e-4
-    with pytest.raises(ValueError, match="batch_size > 1 takes prompts as strings"):
-        compare_policies(model, [torch.tensor([1, 2, 3])] * 2, batch_size=2, **kw)
+    with pytest.raises(ValueError, match=r"token id lengths \[2, 3\]"):
+        compare_policies(model, [torch.tensor([1, 2, 3]), torch.tensor([4, 5])], batch_size=2, **kw)
+    # Token ids of one length go in stacked, as the strings' rows would.
+    shortest = min(model.to_tokens(p).shape[1] for p in PROMPTS)
+    ids = [model.to_tokens(p)[:, :shortest] for p in PROMPTS]
+    stacked = compare_policies(model, ids, batch_size=3, **kw).table
+    single = compare_policies(model, ids, **kw).table
+    assert list(stacked["token_match"]) == list(single["token_match"])
 
 
 def test_bad_batch_inputs_are_refused_by_name(no_leaked_hooks) -> None:

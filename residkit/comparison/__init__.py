@@ -1,44 +1,29 @@
 """Eviction baselines against KV-Direct: token match and KL at equal K/V budgets.
 
 The paper (arXiv 2603.19664, Fig. 4) compares KV-Direct with eviction policies by how often
-their greedy continuation matches the full cache's and by the KL divergence of their next-token
+their continuation matches the full cache's and by the KL divergence of their next-token
 distributions. :func:`compare_policies` measures both on the same decoding loop
 (:func:`residkit.generate`), so the only difference between two rows is what attention saw.
 
-Definitions:
+- **Token match** (%): the full cache and the policy each decode ``max_new_tokens`` tokens from
+  the prompt (EOS does not stop either; greedy, or sampled with one seed shared by every run);
+  the share of positions where the two continuations carry the same token. One early
+  divergence usually changes everything after it, so this is a strict measure.
+- **KL**: three readings (teacher-forced, the full cache along the policy's text, each on its
+  own text), defined in :mod:`residkit.comparison.readings`.
 
-- **Token match** (%): the full cache and the policy each decode ``max_new_tokens`` tokens
-  greedily from the prompt (EOS does not stop either); the share of positions where the two
-  continuations carry the same token, averaged over prompts. One early divergence usually
-  changes everything after it, so this is a strict measure.
-- **Teacher-forced KL** (``mean_kl``, ``max_kl``): the policy is fed the full cache's tokens
-  (``generate(..., forced_tokens=full.tokens, return_logits=True)``); at every step ``t`` the
-  KL(full_t || policy_t) of the next-token distributions is computed in float64 from
-  log-softmax (:func:`residkit.metrics.kl_divergence`, exactly ``0.0`` for bitwise-equal
-  logits). Both runs see the same text, so this measures what eviction does to one step.
-- **Free-running KL** (``free_mean_kl``, ``free_max_kl``, with ``kl="free"`` or ``"both"``):
-  the policy decodes its own tokens, and the full cache is scored along that same text
-  (teacher-forced on the policy's tokens); KL(full_t || policy_t) at every step. Once a
-  policy's text has drifted, the full cache disagrees with it more, so this is the larger
-  number, and the one the paper's Figure 4 (KL 7-14) can only mean.
-
-Means are over every step of every prompt; every prompt has ``max_new_tokens`` steps, so the
-pooled token match is the mean of the prompts' match rates, whose spread the table also gives.
-
-The first step's distribution comes from the prompt forward, which every policy attends in
-full, so its KL is 0 for every policy; the differences start at step 1.
+Means are over every step of every prompt (every prompt has ``max_new_tokens`` steps, so the
+pooled mean is the mean of the prompts' means); ``..._ci`` columns give the half-width of a 95%
+interval over prompts (Student t, :func:`residkit.metrics.mean_interval`).
 """
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, cast
 
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 from jaxtyping import Int
-from plotly.subplots import make_subplots
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
@@ -48,13 +33,15 @@ from residkit._entry import entry
 from residkit._validate import choice, non_negative_int, positive_int
 from residkit.architectures import SCOPES, Scope, spec_for
 from residkit.capture import Inputs, to_tokens
+from residkit.comparison.readings import KL_READINGS, readings_of
+from residkit.comparison.result import PolicyComparison, summarise
 from residkit.generation.engine import Generation, Generations, decode_loop, generate, next_logits
 from residkit.generation.engine import prefill as prefill_cache
 from residkit.generation.sampling import Sampler
 from residkit.metrics import kl_divergence
 from residkit.policies.base import CachePolicy, policy_classes, resolve_policy
 
-__all__ = ["BASELINES", "PolicyComparison", "compare_policies", "kept_positions"]
+__all__ = ["BASELINES", "KL_READINGS", "PolicyComparison", "compare_policies", "kept_positions"]
 
 PolicyFactory = Callable[[int], CachePolicy]
 
@@ -63,72 +50,6 @@ BASELINES: tuple[str, ...] = ("window", "streaming", "h2o", "snapkv", "tova", "k
 KV-Direct. Any name :func:`~residkit.policies.resolve_policy` knows is accepted; each is built
 at a budget by its class's ``for_budget`` (StreamingLLM and SnapKV scale their sink count and
 observation window to small budgets there)."""
-
-
-@dataclass
-class PolicyComparison:
-    """The result of :func:`compare_policies`.
-
-    Attributes:
-        rows: One dict per (policy, budget); see :attr:`table`.
-        steps: One row per (policy, budget, prompt, step): ``match`` (bool) and ``kl``.
-
-    Examples:
-        >>> import residkit
-        >>> cmp = residkit.compare_policies(residkit.load("zoo:llama"), "abcdefgh", budgets=[2],
-        ...     policies=["kvdirect"], max_new_tokens=3, progress=False)
-        >>> cmp.table[["policy", "budget", "token_match", "mean_kl"]].values.tolist()
-        [['kvdirect', 2, 100.0, 0.0]]
-    """
-
-    rows: list[dict[str, object]]
-    steps: pd.DataFrame
-
-    @property
-    def table(self) -> pd.DataFrame:
-        """One row per (policy, budget): ``token_match`` (%), ``mean_kl``, ``max_kl``,
-        ``peak_active_kv_bytes`` and ``peak_checkpoint_bytes`` (largest over prompts)."""
-        return pd.DataFrame(self.rows)
-
-    def figure(self, *, title: str | None = None) -> go.Figure:
-        """Heatmaps over (budget, policy), like the paper's Figure 4: token match (%) on top,
-        then each KL that was measured (teacher-forced, free-running)."""
-        table = self.table
-        policies = list(dict.fromkeys(table["policy"]))
-        budgets = sorted(set(table["budget"]))
-        panels = [("token_match", "token match with the full cache (%)", "Blues", ".0f")]
-        for column, label in (("mean_kl", "teacher-forced"), ("free_mean_kl", "free-running")):
-            if table[column].notna().any():
-                panels.append((column, f"mean KL(full || policy), {label}", "RdBu_r", ".2g"))
-        fig = make_subplots(
-            rows=len(panels),
-            cols=1,
-            shared_xaxes=True,
-            vertical_spacing=0.08,
-            subplot_titles=[label for _, label, _, _ in panels],
-        )
-        for i, (column, _, scale, fmt) in enumerate(panels, start=1):
-            grid = table.pivot(index="policy", columns="budget", values=column)
-            top = 1.0 - (i - 0.5) / len(panels)
-            fig.add_trace(
-                go.Heatmap(
-                    z=grid.loc[policies, budgets].to_numpy(),
-                    x=[str(b) for b in budgets],
-                    y=policies,
-                    colorscale=scale,
-                    zmin=0.0,
-                    zmax=100.0 if column == "token_match" else None,
-                    texttemplate=f"%{{z:{fmt}}}",
-                    colorbar={"y": top, "len": 0.9 / len(panels)},
-                ),
-                row=i,
-                col=1,
-            )
-        fig.update_xaxes(title_text="K/V budget (tokens per managed layer)", type="category")
-        fig.update_layout(
-            title=title or "Eviction baselines vs KV-Direct", height=260 * len(panels) + 60
-        )
-        return fig
 
 
 def _resolve(policies: Sequence[str | PolicyFactory] | None) -> list[tuple[str, PolicyFactory]]:
@@ -172,17 +93,28 @@ def _step_rows(
     forced: list[Generation] | None,
     along: list[Generation] | None,
     j: int,
+    own: bool,
 ) -> list[dict[str, object]]:
     """One row per decoded step of one prompt: token match and the KLs that were measured."""
     nan = [float("nan")] * len(free.tokens)
     teacher = nan if forced is None else kl_divergence(_logits(ref), _logits(forced[j])).tolist()
     free_kl = nan if along is None else kl_divergence(_logits(along[j]), _logits(free)).tolist()
+    own_kl = kl_divergence(_logits(ref), _logits(free)).tolist() if own else nan
     match = (free.tokens == ref.tokens).tolist()
     return [
         {"policy": label, "budget": budget, "prompt": prompt, "step": t, "match": m, "kl": k,
-         "free_kl": f}
-        for t, (m, k, f) in enumerate(zip(match, teacher, free_kl, strict=True))
+         "free_kl": f, "own_kl": o}
+        for t, (m, k, f, o) in enumerate(zip(match, teacher, free_kl, own_kl, strict=True))
     ]  # fmt: skip
+
+
+def _batch(group: list[str | Tensor]) -> Inputs:
+    """One prompt, a list of strings, or token ids of one length stacked ``[batch, pos]``."""
+    if len(group) == 1:
+        return group[0]
+    if isinstance(group[0], Tensor):
+        return torch.cat([cast(Tensor, p).reshape(1, -1) for p in group])
+    return cast(Inputs, group)
 
 
 def _prompt_list(prompt: str | Tensor | Sequence[str | Tensor]) -> list[str | Tensor]:
@@ -203,9 +135,10 @@ def compare_policies(
     budgets: Sequence[int],
     policies: Sequence[str | PolicyFactory] | None = None,
     max_new_tokens: int = 32,
-    kl: Literal["teacher", "free", "both"] = "teacher",
+    kl: str | Sequence[str] = "teacher",
     scope: Scope = "global",
     batch_size: int = 1,
+    seed: int | None = None,
     progress: bool = True,
 ) -> PolicyComparison:
     """Token match (%) and KL against the full cache, per policy and budget.
@@ -220,13 +153,18 @@ def compare_policies(
             ``budget -> CachePolicy``; default :data:`BASELINES` (the five eviction baselines
             and ``"kvdirect"``).
         max_new_tokens: Positions compared per prompt.
-        kl: Which KL to measure: ``"teacher"`` (one extra run per policy whose tokens differ),
-            ``"free"`` or ``"both"`` (one more full-cache scoring run then).
+        kl: Which KL readings to measure (:mod:`residkit.comparison.readings`):
+            ``"teacher"`` (one extra run per policy whose tokens differ), ``"free"`` (one
+            full-cache scoring run then), ``"own"`` (no extra run), ``"both"`` (teacher and
+            free), ``"all"``, or a list of names.
         scope: Layers a named policy manages: ``"global"`` (default; sliding-window layers
             keep the model's own window) or ``"all"`` (see :class:`~residkit.policies.KVDirect`).
         batch_size: Prompts decoded together (left padded; each row decodes as its prompt
             alone up to the last bits of the logits, ``tests/test_batch.py``). Memory columns
             are then per row.
+        seed: None (default): greedy decoding. An int: every run samples (temperature 1) from
+            a generator seeded with it, the same seed for the full cache and every policy, so
+            an exact policy draws the full cache's tokens.
         progress: Show a tqdm bar.
 
     Returns:
@@ -252,7 +190,7 @@ def compare_policies(
         (100.0, 0.0)
     """
     positive_int("max_new_tokens", max_new_tokens)
-    choice("kl", kl, ("teacher", "free", "both"))
+    readings = readings_of(kl)
     choice("scope", scope, SCOPES)
     if isinstance(budgets, str) or not isinstance(budgets, Sequence | range):
         raise TypeError(f"budgets must be a list of ints, got {budgets!r:.80}")
@@ -264,9 +202,15 @@ def compare_policies(
     positive_int("batch_size", batch_size)
     factories = _resolve(policies)
     items = _prompt_list(prompt)
-    if batch_size > 1 and any(isinstance(p, Tensor) for p in items):
-        raise ValueError("batch_size > 1 takes prompts as strings (each is tokenised, then padded)")
     groups = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    for group in groups if batch_size > 1 else []:
+        kinds = {isinstance(p, Tensor) for p in group}
+        lengths = {p.reshape(-1).shape[0] for p in group if isinstance(p, Tensor)}
+        if kinds == {True, False} or len(lengths) > 1:
+            raise ValueError(
+                "batch_size > 1 takes prompts as strings (each is tokenised, then padded) or as "
+                f"token ids of one length; got token id lengths {sorted(lengths)}"
+            )
     # Build every policy first, so a bad (policy, budget) pair fails before any decoding.
     grid = [
         [_scoped(factory(b), scope) if name else factory(b) for b in budgets]
@@ -281,14 +225,16 @@ def compare_policies(
     def run(
         group: list[str | Tensor], policy: CachePolicy | str = "full", forced: Tensor | None = None
     ) -> list[Generation]:
+        sampling: dict[str, Any] = {} if seed is None else {"do_sample": True, "seed": seed}
         out = generate(
             model,
-            cast(Inputs, group if len(group) > 1 else group[0]),
+            _batch(group),
             max_new_tokens=max_new_tokens,
             policy=policy,
             return_logits=True,
             stop_at_eos=False,
             forced_tokens=forced,
+            **sampling,
         )
         return list(out) if isinstance(out, Generations) else [out]
 
@@ -298,7 +244,7 @@ def compare_policies(
     bar = tqdm(total=len(grid) * len(budgets) * len(items), disable=not progress, desc="policies")
     for label, row in zip(labels, grid, strict=True):
         for budget, policy in zip(budgets, row, strict=True):
-            peak_kv = peak_ckpt = 0
+            peak_kv = peak_ckpt = peak_total = held = 0
             cell: list[dict[str, object]] = []
             for first, group, ref_rows in zip(
                 range(0, len(items), batch_size), groups, refs, strict=True
@@ -311,35 +257,39 @@ def compare_policies(
                 # Same tokens fed means the same forwards: the free run is the forced run, and
                 # the full cache along the policy's text is the reference itself.
                 forced_rows = along_rows = None
-                if kl in ("teacher", "both"):
+                if "teacher" in readings:
                     forced_rows = free_rows if same else run(group, policy, _stack(ref_rows))
-                if kl in ("free", "both"):
+                if "free" in readings:
                     along_rows = ref_rows if same else run(group, "full", _stack(free_rows))
                 for j, (ref, free) in enumerate(zip(ref_rows, free_rows, strict=True)):
                     cell += _step_rows(
-                        label, budget, first + j, ref, free, forced_rows, along_rows, j
+                        label,
+                        budget,
+                        first + j,
+                        ref,
+                        free,
+                        forced_rows,
+                        along_rows,
+                        j,
+                        "own" in readings,
                     )
                 stats = free_rows[0].stats  # the batch's; every row holds the same shapes
                 peak_kv = max(peak_kv, stats.peak_active_kv_bytes // len(group))
                 peak_ckpt = max(peak_ckpt, stats.peak_checkpoint_bytes // len(group))
+                peak_total = max(peak_total, stats.peak_total_bytes // len(group))
+                between = stats.active_kv_bytes + stats.checkpoint_bytes
+                held = max(held, between // len(group))
                 bar.update(len(group))
             steps += cell
-            df = pd.DataFrame(cell)
-            per_prompt = 100.0 * df.groupby("prompt")["match"].mean()
             rows.append(
                 {
                     "policy": label,
                     "budget": budget,
-                    "token_match": 100.0 * float(df["match"].mean()),
-                    "token_match_std": float(per_prompt.std(ddof=0)),
-                    "token_match_min": float(per_prompt.min()),
-                    "token_match_max": float(per_prompt.max()),
-                    "mean_kl": float(df["kl"].mean()),
-                    "max_kl": float(df["kl"].max()),
-                    "free_mean_kl": float(df["free_kl"].mean()),
-                    "free_max_kl": float(df["free_kl"].max()),
+                    **summarise(pd.DataFrame(cell), readings),
                     "peak_active_kv_bytes": peak_kv,
                     "peak_checkpoint_bytes": peak_ckpt,
+                    "peak_total_bytes": peak_total,
+                    "held_bytes": held,
                 }
             )
     bar.close()

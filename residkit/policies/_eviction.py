@@ -53,7 +53,7 @@ from residkit._bridge import (
     kv_bytes,
     n_kv_heads,
 )
-from residkit._validate import choice, non_negative_int
+from residkit._validate import choice, non_negative_int, positive_int
 from residkit.architectures import SCOPES, Scope, spec_for
 from residkit.policies.base import CachePolicy, PolicyCache
 
@@ -197,15 +197,22 @@ class EvictionPolicy(CachePolicy):
         scope: ``"global"`` (default): the full-attention layers, while sliding-window layers
             keep the model's own window; ``"all"``: every layer, which agrees with the model's
             sliding windows only while the sequence fits them (longer is a ValueError).
+        prefill_chunk: Feed a prompt in forwards of at most this many tokens, evicting after
+            each (None: the whole prompt in one forward, which attends it in full). With it,
+            no forward holds more than ``budget + prefill_chunk`` tokens of K/V per layer, and
+            the policy never sees the whole prompt at once.
     """
 
     budget: int = 64
     scope: Scope = field(default="global", kw_only=True)
+    prefill_chunk: int | None = field(default=None, kw_only=True)
     needs_attention: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         non_negative_int("budget", self.budget)
         choice("scope", self.scope, SCOPES)
+        if self.prefill_chunk is not None:
+            positive_int("prefill_chunk", self.prefill_chunk)
 
     @classmethod
     def for_budget(cls, budget: int) -> "EvictionPolicy":
