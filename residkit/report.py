@@ -64,7 +64,37 @@ def environment() -> dict[str, str]:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}",
         "python": platform.python_version(),
         **{d: v(d) for d in ("residkit", "torch", "transformers", "transformer-lens", "gguf")},
+        "residkit commit": commit(),
     }
+
+
+def commit() -> str:
+    """The git commit residkit runs from (``+ uncommitted changes`` when the tree differs), or
+    ``"not a git checkout"`` (an installed wheel)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return "not a git checkout"
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "residkit"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "git not available"
+    return head + (" + uncommitted changes" if dirty else "")
 
 
 def _cell_class(value: object) -> str:

@@ -46,6 +46,8 @@ def test_every_claim_has_rows_for_every_model_with_a_reason_where_it_differs(run
         "residkit",
         "verdict",
         "why",
+        "rule",
+        "source",
     ]
     assert set(table["claim"]) == set(CLAIMS)
     for claim in CLAIMS:
@@ -55,6 +57,53 @@ def test_every_claim_has_rows_for_every_model_with_a_reason_where_it_differs(run
     unexplained = table[(table["verdict"] != "reproduced") & (table["why"].str.len() < 20)]
     assert unexplained.empty, unexplained
     assert (table["paper"].str.len() > 0).all() and (table["residkit"].str.len() > 0).all()
+    judged = table[table["verdict"] != "not applicable"]
+    assert (judged["rule"].str.len() > 10).all() and (judged["source"].str.len() > 5).all()
+    differs = table[table["verdict"] == "differs"]["why"]
+    assert differs.str.match(r"(measured: |hypothesis \(untested\): )").all(), differs
+
+
+def test_figure_4_has_every_kl_reading_sampled_runs_and_pinned_prompts(run) -> None:
+    from residkit.reproduction.prompts import texts
+
+    result, _, _ = run
+    baselines = result.result("baselines")
+    quantities = " ".join(baselines.table["quantity"])
+    for reading in ("teacher-forced", "along the policy's text", "each on its own text"):
+        assert reading in quantities
+    assert "sampled, seed" in quantities and "which KL reading" in quantities
+    pinned = {t.name: t.sha256 for t in texts()}
+    for name in REAL:
+        prompts = baselines.frame(f"{name} prompts")
+        assert len(prompts) == Sizes.quick_sizes().prompts
+        assert all(pinned[r.text] == r.sha256 for r in prompts.itertuples())
+        greedy = baselines.frame(name)
+        assert greedy["own_mean_kl"].notna().all() and greedy["token_match_ci"].notna().all()
+        assert baselines.frame(f"{name} sampled")["token_match"].notna().all()
+    # Each rule is applied as stated: a range row is reproduced iff every cell is inside it.
+    rows = baselines.table[baselines.table["quantity"].str.contains("mean KL")]
+    for row in rows.itertuples():
+        inside, total = re.search(r"(\d+) of (\d+) cells inside", row.residkit).groups()
+        assert (row.verdict == "reproduced") == (inside == total)
+
+
+def test_markov_rows_state_the_construction_and_controls(run) -> None:
+    result, _, _ = run
+    markov = result.result("markov")
+    for row in markov.rows:
+        assert "by construction" in row.quantity and "wrong layer" in row.residkit
+    for name in REAL:
+        ctl = markov.frame(f"{name} controls").iloc[0]
+        assert ctl["partial_kl"] > 0 and ctl["wrong_layer_kl"] > 0
+
+
+def test_ranks_test_both_readings_of_the_caption(run) -> None:
+    result, _, _ = run
+    table = result.result("ranks").table
+    for name in REAL:
+        mine = table[table["model"] == name]["quantity"]
+        assert mine.str.contains("reading 'exists'").sum() == 2
+        assert mine.str.contains("reading 'all'").sum() == 2
 
 
 def test_cross_task_patching_is_bitwise_with_kl_exactly_zero(run) -> None:
@@ -105,6 +154,8 @@ def test_chat_replies_agree_and_memory_is_measured_from_the_tensors(run) -> None
     assert (layer["checkpoint_bytes"] > 0).all()
     first = chat.table.iloc[0]
     assert first["quantity"].startswith("replies") and first["verdict"] == "reproduced"
+    memory = chat.table[chat.table["quantity"].str.startswith("memory")]
+    assert len(memory) == 2 and memory["residkit"].str.contains("peak .* between forwards").all()
 
 
 def test_anatomy_formula_matches_the_tensors(run) -> None:
@@ -140,18 +191,25 @@ def test_a_second_run_resumes_from_the_cache(run) -> None:
 
 
 def test_claim_results_round_trip_and_refuse_other_formats(tmp_path: Path) -> None:
-    result = ClaimResult("markov", "t", [Row("m", "q", "p", "r", "reproduced")], settings={"a": 1})
+    row = Row("m", "q", "p", "r", "reproduced", rule="r", source="abstract")
+    result = ClaimResult("markov", "t", [row], settings={"a": 1}, commit="abc")
     assert ClaimResult.from_json(result.to_json()) == result
-    text = result.to_json().replace('"format": 1', '"format": 0')
+    text = result.to_json().replace('"format": 2', '"format": 0')
     with pytest.raises(ValueError, match="another residkit version"):
         ClaimResult.from_json(text)
     save_cached(tmp_path, "m", result)
     assert load_cached(tmp_path, "markov", "m", Sizes()) is None  # settings differ
 
 
-def test_a_differing_row_needs_a_reason() -> None:
+def test_a_differing_row_needs_a_reason_a_rule_and_a_source() -> None:
     with pytest.raises(ValueError, match="needs a reason"):
         Row("m", "q", "p", "r", "differs")
+    with pytest.raises(ValueError, match="a measurement"):
+        Row("m", "q", "p", "r", "differs", "model size", rule="r", source="abstract")
+    with pytest.raises(ValueError, match="rule and source"):
+        Row("m", "q", "p", "r", "differs", "measured: 3 of 5")
+    Row("m", "q", "p", "r", "differs", "hypothesis (untested): size", rule="r", source="s")
+    Row("m", "q", "p", "r", "not applicable", "no chat template")  # needs neither
 
 
 def test_bad_claims_and_models_are_refused_by_name(capsys: pytest.CaptureFixture[str]) -> None:
@@ -185,6 +243,7 @@ def test_markdown_page_has_every_claim_and_row(run, tmp_path: Path) -> None:
         assert f"## {claim}: " in text
     assert text.count("| reproduced |") == (result.table["verdict"] == "reproduced").sum()
     assert "D_KL(source \\|\\| patched)" in text  # pipes escaped inside table cells
+    assert "residkit commit" in text and ":mod:" not in text and ":class:" not in text
 
 
 def test_a_claim_left_out_keeps_a_row_saying_why() -> None:

@@ -10,12 +10,14 @@ Results are cached per claim on disk, so an interrupted run resumes where it sto
 Examples:
     >>> from residkit.reproduction import CLAIMS
     >>> list(CLAIMS)
-    ['markov', 'nocache', 'anatomy', 'chat', 'baselines', 'ranks', 'latency']
+    ['markov', 'nocache', 'anatomy', 'chat', 'baselines', 'fractions', 'ranks', 'latency']
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import re
 import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +32,16 @@ from transformer_lens.model_bridge import TransformerBridge
 from residkit import report
 from residkit._paths import home
 from residkit.registry import REAL_MODELS, provenance
-from residkit.reproduction import anatomy, baselines, chat, latency, markov, nocache, ranks
+from residkit.reproduction import (
+    anatomy,
+    baselines,
+    chat,
+    fractions,
+    latency,
+    markov,
+    nocache,
+    ranks,
+)
 from residkit.reproduction.base import (
     NOT_APPLICABLE,
     ClaimResult,
@@ -51,6 +62,7 @@ CLAIMS: dict[str, tuple[str, Run]] = {
     "anatomy": (anatomy.TITLE, anatomy.run),
     "chat": (chat.TITLE, chat.run),
     "baselines": (baselines.TITLE, baselines.run),
+    "fractions": (fractions.TITLE, fractions.run),
     "ranks": (ranks.TITLE, ranks.run),
     "latency": (latency.TITLE, latency.run),
 }
@@ -71,7 +83,8 @@ class Reproduction:
 
     @property
     def table(self) -> pd.DataFrame:
-        """One row per comparison: ``claim, model, quantity, paper, residkit, verdict, why``."""
+        """One row per comparison: ``claim, model, quantity, paper, residkit, verdict, why,
+        rule, source``."""
         frames = []
         for result in self.results:
             t = result.table
@@ -155,6 +168,27 @@ class Reproduction:
             )
         return out
 
+    def to_json(self) -> str:
+        """Everything the page shows, as JSON (:meth:`from_json` reads it back)."""
+        return json.dumps(
+            {
+                "models": self.models,
+                "results": [json.loads(r.to_json()) for r in self.results],
+                "sizes": settings_of(self.sizes),
+                "seconds": self.seconds,
+                "meta": self.meta,
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Reproduction:
+        raw = json.loads(text)
+        sizes = raw["sizes"]
+        sizes = Sizes(**{k: tuple(v) if isinstance(v, list) else v for k, v in sizes.items()})  # type: ignore[arg-type]
+        results = [ClaimResult.from_json(json.dumps(r)) for r in raw["results"]]
+        return cls(raw["models"], results, sizes, raw["seconds"], raw["meta"])
+
     def write_report(self, path: str | Path) -> Path:
         """One self-contained HTML file: every table and figure, provenance, versions."""
         summary = report.Section(
@@ -174,7 +208,9 @@ def describe(claim: str) -> str:
     """How ``claim`` is measured: its module's docstring after the summary, as one paragraph."""
     module = importlib.import_module(CLAIMS[claim][1].__module__)
     parts = (module.__doc__ or "").split("\n\n", 1)
-    return " ".join(parts[-1].split())
+    # Sphinx roles (:mod:`~a.b`) read as plain code on a page: `b`.
+    text = re.sub(r":\w+:`~?([^`]+)`", lambda m: f"`{m.group(1).split('.')[-1]}`", parts[-1])
+    return " ".join(text.replace("``", "`").split())
 
 
 def _provenances(names: Sequence[str], loaded: dict[str, TransformerBridge]) -> dict[str, str]:
@@ -196,7 +232,9 @@ def _not_run(claim: str, models: Sequence[str], why: str, sizes: Sizes) -> Claim
             NOT_APPLICABLE, "left out of this run for its cost")
         for m in models
     ]  # fmt: skip
-    return ClaimResult(claim, CLAIMS[claim][0], rows, settings=settings_of(sizes))
+    return ClaimResult(
+        claim, CLAIMS[claim][0], rows, settings=settings_of(sizes), commit=report.commit()
+    )
 
 
 def reproduce(
@@ -267,6 +305,7 @@ def reproduce(
             t0 = time.perf_counter()
             result = CLAIMS[claim][1](loaded, sizes, progress)
             result.seconds = time.perf_counter() - t0
+            result.commit = report.commit()
             save_cached(folder, key, result)
         results.append(result)
     meta = {

@@ -21,7 +21,16 @@ from residkit._bridge import hf_config
 from residkit.accounting import per_token_bytes
 from residkit.generation import generate
 from residkit.policies import FullCache, KVDirect
-from residkit.reproduction.base import DIFFERS, REPRODUCED, ClaimResult, Row, Sizes, settings_of
+from residkit.reproduction.base import (
+    ABSTRACT,
+    MEASURED,
+    ClaimResult,
+    Row,
+    Sizes,
+    caption,
+    judge,
+    settings_of,
+)
 from residkit.zoo import PAPER_CONFIGS, config_for
 
 TITLE = "Per-token memory: all-layer K/V vs one residual, 7-27x (Figures 2 and 3c)"
@@ -136,28 +145,45 @@ def _bars(table: list[dict[str, Any]]) -> go.Figure:
 def run(models: dict[str, TransformerBridge], sizes: Sizes, progress: bool) -> ClaimResult:
     table = _bf16_rows(models)
     rows = []
-    paper_ratios = [
-        int(r["kv_all_layers"]) / int(r["residual_one"])
+    ratios = {
+        str(r["model"]): int(r["kv_all_layers"]) / int(r["residual_one"])
         for r in table
         if r["source"] == "paper config"
-    ]
+    }
+    low, high = min(ratios, key=ratios.__getitem__), max(ratios, key=ratios.__getitem__)
+    inside = all(7 <= round(x) <= 27 for x in ratios.values())
     rows.append(
         Row(
             "paper configs",
-            "all-layer K/V / one residual, per token",
+            f"all-layer K/V / one residual, per token, over the {len(ratios)} published configs "
+            "residkit lists (the paper says six models and names four families)",
             "7-27x across six models",
-            f"{min(paper_ratios):.1f}-{max(paper_ratios):.1f}x across the {len(paper_ratios)} published configs",
-            REPRODUCED,
+            f"{ratios[low]:.2f}x ({low}) to {ratios[high]:.2f}x ({high})",
+            judge(inside),
+            ""
+            if inside
+            else f"{MEASURED}"
+            + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items() if not 7 <= round(v) <= 27),
+            rule="every ratio, rounded to a whole number as the paper's range is given, in 7-27",
+            source=caption("3c"),
         )
     )
     g4 = next(r for r in table if r["model"] == "gemma-3-4b")
+    kv, one = int(g4["kv_all_layers"]), int(g4["residual_one"])
+    readings = {"KiB (1,024 B)": 1024, "kB (1,000 B)": 1000}
+    fits = [k for k, unit in readings.items() if (round(kv / unit), round(one / unit)) == (136, 5)]
     rows.append(
         Row(
             "gemma-3-4b",
             "bytes per token, bf16",
             "136 KB of K/V vs 5 KB for one residual",
-            f"{int(g4['kv_all_layers']) / KIB:.0f} KiB vs {int(g4['residual_one']) / KIB:.0f} KiB",
-            REPRODUCED,
+            f"{kv:,} B vs {one:,} B: "
+            + "; ".join(f"{kv / u:.1f} vs {one / u:.1f} {k}" for k, u in readings.items())
+            + (f"; the paper's KB is {' or '.join(fits)}" if fits else ""),
+            judge(bool(fits)),
+            "" if fits else f"{MEASURED}neither reading of KB gives 136 and 5",
+            rule="both numbers round to the paper's under one reading of KB (1,000 or 1,024 B)",
+            source=ABSTRACT,
         )
     )
     for r in table:
@@ -169,9 +195,14 @@ def run(models: dict[str, TransformerBridge], sizes: Sizes, progress: bool) -> C
                 "one residual per token (5 KB vs 136 KB on Gemma 3-4B)",
                 f"{cost:.2f}x: {int(r['residual_per_global_layer'])} B of residuals for "
                 f"{int(r['kv_global_layers'])} B of global-layer K/V",
-                DIFFERS,
-                "accounting: recomputing a layer's K/V needs the residual at that layer, one per "
-                "global layer per token, which on grouped-query models is more than its K/V",
+                judge(cost < 1),
+                ""
+                if cost < 1
+                else f"{MEASURED}recomputing a layer's K/V needs the residual at that layer, one "
+                f"per global layer per token: {int(r['residual_per_global_layer'])} B against "
+                f"{int(r['kv_global_layers'])} B of K/V",
+                rule="layer checkpoints smaller than the K/V they replace (ratio < 1)",
+                source=ABSTRACT,
             )
         )
     measured = {}
@@ -190,8 +221,10 @@ def run(models: dict[str, TransformerBridge], sizes: Sizes, progress: bool) -> C
                 f"K/V {got['kv_all_layers']:.0f} B (formula {want['kv_all_layers']}), layer "
                 f"checkpoints {got['residual_per_global_layer']:.0f} B "
                 f"(formula {want['residual_per_global_layer']})",
-                REPRODUCED if match else DIFFERS,
-                "" if match else "the tensors hold other sizes than the formula",
+                judge(match),
+                "" if match else f"{MEASURED}the tensors hold other sizes than the formula",
+                rule="bytes read from the tensors equal the formula's",
+                source="residkit's own check (no paper number)",
             )
         )
     return ClaimResult(

@@ -13,13 +13,19 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 __all__ = [
+    "ABSTRACT",
     "DIFFERS",
+    "HYPOTHESIS",
+    "MEASURED",
     "NOT_APPLICABLE",
     "REPRODUCED",
+    "SEED_ARTICLE",
     "ClaimResult",
     "Row",
     "Sizes",
     "Timer",
+    "caption",
+    "judge",
     "load_cached",
     "save_cached",
     "settings_of",
@@ -29,15 +35,40 @@ Verdict = Literal["reproduced", "differs", "not applicable"]
 REPRODUCED: Verdict = "reproduced"
 DIFFERS: Verdict = "differs"
 NOT_APPLICABLE: Verdict = "not applicable"
-_FORMAT = 1  # bump when a claim's output changes, so cached results are recomputed
+_FORMAT = 2  # bump when a claim's output changes, so cached results are recomputed
+
+ABSTRACT = "abstract"
+SEED_ARTICLE = "seed article (a summary of the paper, not the paper itself)"
+MEASURED = "measured: "
+HYPOTHESIS = "hypothesis (untested): "
+
+
+def caption(figure: str) -> str:
+    """The source of a number read from a figure's caption, e.g. ``caption("4")``."""
+    return f"Fig. {figure} caption"
+
+
+def judge(ok: bool) -> Verdict:
+    """The verdict of a rule that held (``ok``) or did not."""
+    return REPRODUCED if ok else DIFFERS
 
 
 @dataclass
 class Row:
     """One comparison: what the paper says, what residkit measured, and the verdict.
 
-    ``why`` is one sentence, required unless the verdict is ``reproduced``: what makes the
-    numbers differ (model size, quantisation, prompt set, CPU vs GPU, accounting).
+    Attributes:
+        model: The model (or "paper configs").
+        quantity: What is compared.
+        paper: The paper's number.
+        residkit: residkit's measurement.
+        verdict: ``reproduced`` or ``differs``, computed by ``rule``; or ``not applicable``.
+        why: Required unless reproduced. For ``differs`` it starts with ``"measured: "`` (a
+            measurement in the same report) or ``"hypothesis (untested): "``.
+        rule: The rule the verdict was computed by, stated in words (required unless not
+            applicable).
+        source: Where the paper's number is written (:data:`ABSTRACT`, :func:`caption`,
+            :data:`SEED_ARTICLE`).
     """
 
     model: str
@@ -46,10 +77,19 @@ class Row:
     residkit: str
     verdict: Verdict
     why: str = ""
+    rule: str = ""
+    source: str = ""
 
     def __post_init__(self) -> None:
         if self.verdict != REPRODUCED and not self.why:
             raise ValueError(f"a {self.verdict!r} row needs a reason: {self.quantity}")
+        if self.verdict == DIFFERS and not self.why.startswith((MEASURED, HYPOTHESIS)):
+            raise ValueError(
+                f"a 'differs' reason is a measurement ({MEASURED!r}...) or a hypothesis "
+                f"({HYPOTHESIS!r}...): {self.why!r}"
+            )
+        if self.verdict != NOT_APPLICABLE and not (self.rule and self.source):
+            raise ValueError(f"a {self.verdict!r} row needs its rule and source: {self.quantity}")
 
 
 @dataclass
@@ -64,6 +104,7 @@ class ClaimResult:
         data: Tables behind the figures, as records.
         seconds: Wall time of the measurement.
         settings: The sizes it ran with.
+        commit: The residkit commit that computed it (:func:`residkit.report.commit`).
     """
 
     claim: str
@@ -73,10 +114,11 @@ class ClaimResult:
     data: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    commit: str = ""
 
     @property
     def table(self) -> pd.DataFrame:
-        """Columns ``model, quantity, paper, residkit, verdict, why``."""
+        """Columns ``model, quantity, paper, residkit, verdict, why, rule, source``."""
         return pd.DataFrame([asdict(r) for r in self.rows])
 
     @property
@@ -118,10 +160,15 @@ class Sizes:
     chat_turns: int = 20
     chat_tokens: int = 24
     chat_budget: int = 64
-    prompts: int = 8
+    prompts: int = 16
     prompt_tokens: int = 400
-    new_tokens: int = 16
+    new_tokens: int = 64
+    sample_seed: int = 0
     budgets: tuple[int, ...] = (16, 32, 64, 128, 256)
+    grid_lengths: tuple[int, ...] = (256, 512, 1024, 2048)
+    fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5)
+    grid_prompts: int = 2
+    grid_tokens: int = 16
     latency_tokens: tuple[int, ...] = (16, 64, 128, 256, 500)
     latency_batches: tuple[int, ...] = (1, 4, 16)
     repeats: int = 5
@@ -135,10 +182,14 @@ class Sizes:
             chat_turns=3,
             chat_tokens=6,
             chat_budget=16,
-            prompts=1,
+            prompts=2,
             prompt_tokens=120,
             new_tokens=6,
             budgets=(16, 64),
+            grid_lengths=(64, 128),
+            fractions=(0.25, 0.5),
+            grid_prompts=1,
+            grid_tokens=4,
             latency_tokens=(16, 128),
             latency_batches=(1, 4),
             repeats=2,

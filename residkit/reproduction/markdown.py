@@ -6,17 +6,14 @@ blocked (:func:`residkit.report.screenshots`); without playwright the page links
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from residkit import report
-from residkit.reproduction import describe
+from residkit.reproduction import Reproduction, describe
 
-if TYPE_CHECKING:
-    from residkit.reproduction import Reproduction
-
-__all__ = ["write_markdown"]
+__all__ = ["render", "rerender", "write_markdown"]
 
 
 def _cell(value: object) -> str:
@@ -31,7 +28,9 @@ def write_markdown(
     report_path: str | os.PathLike[str] | None = None,
     images: bool = True,
 ) -> Path:
-    """Write ``result`` as Markdown to ``path``; figure images go in ``<path stem>/``.
+    """Write ``result`` as Markdown to ``path``; figure images go in ``<path stem>/``, with the
+    results behind the page as ``<path stem>/results.json`` (:func:`render` turns them back into
+    the same page, which is how a test checks the page was not edited by hand).
 
     Args:
         result: A finished reproduction.
@@ -53,13 +52,29 @@ def write_markdown(
             figure_files = report.screenshots(html, out.parent / out.stem)
         except RuntimeError as err:
             note = f"(figures not drawn: {err}; open the HTML report instead)"
+    folder = out.parent / out.stem
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(
+        json.dumps({"command": command, "note": note, "reproduction": json.loads(result.to_json())},
+                   indent=1), encoding="utf-8",
+    )  # fmt: skip
+    rel = [f.relative_to(out.parent).as_posix() for f in figure_files]
+    out.write_text(render(result, command=command, figures=rel, note=note), encoding="utf-8")
+    return out
+
+
+def render(result: Reproduction, *, command: str, figures: list[str], note: str = "") -> str:
+    """The page's Markdown text: ``figures`` are the images' paths, in the figures' order."""
     measured = sum(r.seconds for r in result.results)
     lines = [
         "# The paper's claims on real weights",
         "",
         "Every claim of arXiv 2603.19664 (the abstract and Figures 2-5), measured by residkit on",
-        f"{', '.join(result.models)}, beside the paper's number. Verdicts: *reproduced*,",
-        "*differs* (with the reason in one sentence) or *not applicable*.",
+        f"{', '.join(result.models)}, beside the paper's number and where the paper states it.",
+        "Each verdict (*reproduced* or *differs*) is computed from the numbers by the rule in",
+        "its row; a *differs* row gives its reason as a measurement from this page or as a",
+        "hypothesis marked untested. *Not applicable* rows say why. This page is written by the",
+        "command below and not edited by hand.",
         "",
         "Reproduce it (the figures below are images of the interactive HTML report):",
         "",
@@ -84,22 +99,33 @@ def write_markdown(
     ]
     figure_index = 0
     for claim in result.results:
+        at = f" at commit `{claim.commit}`" if claim.commit else ""
         lines += [
             f"## {claim.claim}: {claim.title}",
             "",
-            f"{describe(claim.claim)} Measured in {claim.seconds:.0f} s.",
+            f"{describe(claim.claim)} Measured in {claim.seconds:.0f} s{at}.",
             "",
-            "| model | quantity | paper | residkit | verdict | why |",
-            "|---|---|---|---|---|---|",
+            "| model | quantity | paper | source | residkit | verdict | rule | why |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in claim.rows:
-            cells = (row.model, row.quantity, row.paper, row.residkit, row.verdict, row.why)
+            cells = (row.model, row.quantity, row.paper, row.source, row.residkit, row.verdict,
+                     row.rule, row.why)  # fmt: skip
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         lines.append("")
         for _ in claim.figures:
-            if figure_index < len(figure_files):
-                rel = figure_files[figure_index].relative_to(out.parent)
-                lines += [f"![{claim.claim} figure {figure_index}]({rel.as_posix()})", ""]
+            if figure_index < len(figures):
+                lines += [f"![{claim.claim} figure {figure_index}]({figures[figure_index]})", ""]
             figure_index += 1
-    out.write_text("\n".join(lines), encoding="utf-8")
-    return out
+    return "\n".join(lines)
+
+
+def rerender(page: str | os.PathLike[str]) -> str:
+    """The Markdown :func:`write_markdown` would write for ``page`` from its ``results.json``."""
+    out = Path(page)
+    saved = json.loads((out.parent / out.stem / "results.json").read_text(encoding="utf-8"))
+    result = Reproduction.from_json(json.dumps(saved["reproduction"]))
+    figures = sorted(
+        p.relative_to(out.parent).as_posix() for p in (out.parent / out.stem).glob("figure-*.png")
+    )
+    return render(result, command=saved["command"], figures=figures, note=saved["note"])

@@ -9,7 +9,15 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit.generation import generate
-from residkit.reproduction.base import DIFFERS, REPRODUCED, ClaimResult, Row, Sizes, settings_of
+from residkit.reproduction.base import (
+    ABSTRACT,
+    MEASURED,
+    ClaimResult,
+    Row,
+    Sizes,
+    judge,
+    settings_of,
+)
 from residkit.reproduction.prompts import TASK_FAMILIES
 
 TITLE = "Greedy decoding with no cache is token-identical to the full cache (abstract)"
@@ -26,6 +34,15 @@ def run(models: dict[str, TransformerBridge], sizes: Sizes, progress: bool) -> C
         assert full.logits is not None and none.logits is not None
         same = torch.equal(full.tokens, none.tokens)
         gap = (full.logits - none.logits).abs().amax(-1)
+        why = ""
+        if not same:
+            step = int((full.tokens != none.tokens).nonzero()[0])
+            top2 = full.logits[step].topk(2).values
+            why = (
+                f"{MEASURED}the first different token is at step {step}, where the full cache's "
+                f"top two logits were {float(top2[0] - top2[1]):.2g} apart and the two runs' "
+                f"logits {float(gap[step]):.2g}"
+            )
         rows.append(
             Row(
                 name,
@@ -33,8 +50,10 @@ def run(models: dict[str, TransformerBridge], sizes: Sizes, progress: bool) -> C
                 "token-identical",
                 f"{int((full.tokens == none.tokens).sum())}/{n} equal; logits differ by at most "
                 f"{float(gap.max()):.2g} (other GEMM shapes, so not bitwise)",
-                REPRODUCED if same else DIFFERS,
-                "" if same else "float32 rounding of other GEMM shapes flipped a near-tie",
+                judge(same),
+                why,
+                rule="every greedy token equal",
+                source=ABSTRACT,
             )
         )
         fig = go.Figure(go.Bar(x=list(range(n)), y=gap.tolist()))
