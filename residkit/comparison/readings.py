@@ -19,6 +19,13 @@ two next-token distributions with KL(full_t || policy_t) in float64 from log-sof
 All three are 0 at step 0 (the prompt forward attends the whole prompt under every policy that
 prefills in one chunk) and equal until the policy's first different token; ``"teacher"`` and
 ``"free"`` coincide with ``"own"`` while the texts agree.
+
+Examples:
+    >>> import residkit
+    >>> cmp = residkit.compare_policies(residkit.load("zoo:llama"), "abcdefghijkl", budgets=[3],
+    ...     policies=["window"], max_new_tokens=6, kl="all", progress=False)
+    >>> [column(r) for r in cmp.readings]
+    ['mean_kl', 'free_mean_kl', 'own_mean_kl']
 """
 
 from __future__ import annotations

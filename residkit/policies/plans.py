@@ -160,7 +160,7 @@ def plan_flops(plan: Plan, config: Any, evicted: int, gated: bool = True) -> int
     A checkpoint layer costs its K and V projections; a group rebuilt from an anchor costs
     every block from the anchor up to its top rebuilt layer once, plus the Q, K and V
     projections of each rebuilt layer once more (each replay stops after them, and the next
-    starts at that block); from the token ids, one replay up to the top layer. Eager attention
+    starts at that block); from the token ids, the same from block 0. Eager attention
     multiplies the full square of scores, masked after, so that is what is counted.
     """
     s = _shape(config)
@@ -178,12 +178,10 @@ def plan_flops(plan: Plan, config: Any, evicted: int, gated: bool = True) -> int
             continue
         start = max(anchor, 0)
         total += sum(_block_flops(s, gated, e) for _ in range(start, max(rebuilt)))
-        if anchor >= 0:
-            # Replayed one layer at a time, in step with the forward: each rebuilt layer's
-            # replay stops after its Q/K/V projections, and the next one runs that block again.
-            total += len(rebuilt) * e * qkv_proj
-        else:  # token ids: one replay up to the top layer
-            total += e * qkv_proj
+        # Replayed one layer at a time, in step with the forward (from an anchor's residual or
+        # from the token ids): each rebuilt layer's replay stops after its Q/K/V projections,
+        # and the next one runs that block again.
+        total += len(rebuilt) * e * qkv_proj
     return total
 
 
