@@ -70,6 +70,17 @@ def probability(name: str, value: Any) -> float:
     return out
 
 
+def flag(name: str, value: Any) -> bool:
+    """``value`` if it is exactly True or False (a string such as ``"no"`` would be truthy).
+
+    Raises:
+        TypeError: anything else, naming it.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r:.80}")
+    return value
+
+
 def choice(name: str, value: Any, options: Iterable[str]) -> str:
     """``value`` if it is one of ``options``, else a ValueError listing them."""
     allowed = tuple(options)

@@ -11,6 +11,7 @@ first looks in the local HF cache, then asks the hub once with a short timeout, 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import set_tokenizer
+from residkit._validate import flag
 from residkit.architectures import spec_for
 
 __all__ = ["ModelNotFoundError", "load"]
@@ -55,6 +57,19 @@ WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 def _check_folder(path: Path, allow_pickle: bool) -> None:
     if not (path / "config.json").exists():
         raise ModelNotFoundError(f"{path} has no config.json; it is not a checkpoint folder")
+    index = path / "model.safetensors.index.json"
+    if not allow_pickle and index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ModelNotFoundError(f"{index} is not a safetensors index ({err})") from err
+        pickled = sorted(s for s in shards if not str(s).endswith(".safetensors"))
+        if pickled:
+            raise ModelNotFoundError(
+                f"{index} maps weights to {', '.join(pickled)}, which are not safetensors; "
+                "residkit loads only safetensors (pickle-based weights can run arbitrary code "
+                "when loaded). Pass allow_pickle=True if you trust the files."
+            )
     if not allow_pickle and not any((path / name).exists() for name in WEIGHTS):
         others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         raise ModelNotFoundError(
@@ -245,6 +260,8 @@ def load(
 
     if not isinstance(name_or_path, str | os.PathLike):
         raise TypeError(f"load() takes a name or a folder, got {name_or_path!r:.80}")
+    flag("trust_remote_code", trust_remote_code)
+    flag("allow_pickle", allow_pickle)
     name = os.fspath(name_or_path)
     if not name.strip():
         raise ValueError("load() needs a model name or folder, got an empty string")

@@ -158,6 +158,42 @@ def test_a_pickle_next_to_a_stray_safetensors_file_is_never_opened(tmp_path, mon
         residkit.load(folder)
 
 
+def test_an_index_naming_a_pickle_is_refused(tmp_path, monkeypatch) -> None:
+    import json
+
+    folder = copy_zoo(tmp_path, "indexed")
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model-00001.bin")
+    index = {"metadata": {}, "weight_map": {k: "pytorch_model-00001.bin" for k in weights}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    def no_pickles(*args, **kwargs):
+        raise AssertionError("a pickle was opened")
+
+    monkeypatch.setattr(torch, "load", no_pickles)
+    with pytest.raises(
+        residkit.ModelNotFoundError, match=r"pytorch_model-00001\.bin, which are not"
+    ):
+        residkit.load(folder)
+    # Control: the same index naming a safetensors shard loads.
+    save_file(weights, folder / "model-00001.safetensors", metadata={"format": "pt"})
+    index["weight_map"] = {k: "model-00001.safetensors" for k in weights}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert residkit.load(folder).cfg.n_layers == 4
+
+
+def test_string_flags_are_not_read_as_true() -> None:
+    from residkit._validate import flag
+
+    for value in ("no", "False", 0, None):
+        with pytest.raises(TypeError, match="allow_pickle must be True or False"):
+            flag("allow_pickle", value)
+    assert flag("allow_pickle", False) is False
+    with pytest.raises(TypeError, match="trust_remote_code"):
+        residkit.load("zoo:llama", trust_remote_code="no")
+
+
 def test_missing_tensors_are_listed(tmp_path) -> None:
     folder = copy_zoo(tmp_path, "partial")
     weights = load_file(folder / "model.safetensors")
