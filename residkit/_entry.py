@@ -5,7 +5,11 @@
   wrong numbers without an error. Each model gets a re-entrant lock, held for the whole call:
   a second thread waits its turn and gets exactly what it would have got alone.
 - **Eval mode.** Dropout makes two forwards of the same input differ, which no exactness
-  claim survives. A model in train mode is switched to eval for the call and switched back.
+  claim survives. Every module in train mode (the flag is per module) is switched to eval for
+  the call and switched back (:func:`residkit._bridge.guard.all_eval`).
+- **Other threads' forwards wait.** A forward of the model that another thread starts during the
+  call waits until the call ends, so it never runs through residkit's hooks
+  (:func:`residkit._bridge.guard.hold_other_threads`).
 - **The contract** (:mod:`residkit._bridge.contract`) is checked once per model.
 """
 
@@ -19,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from residkit._bridge import is_bridge
+from residkit._bridge.guard import all_eval, hold_other_threads
 
 __all__ = ["check_model", "entry", "exclusive"]
 
@@ -57,18 +62,12 @@ def _lock(model: Any) -> threading.RLock:
 
 @contextmanager
 def exclusive(model: Any) -> Iterator[None]:
-    """Hold ``model`` for the block: no other thread runs residkit on it meanwhile; the model
-    is in eval mode, and put back in train mode after if it was."""
+    """Hold ``model`` for the block: no other thread runs residkit or a forward on it meanwhile;
+    every module is in eval mode, and those that were in train mode are put back after."""
     check_model(model)
-    with _lock(model):
-        training = bool(model.training)
-        if training:
-            model.eval()
-        try:
-            yield
-        finally:
-            if training:
-                model.train()
+    lock = _lock(model)
+    with lock, all_eval(model), hold_other_threads(model, lock):
+        yield
 
 
 def entry(func: F) -> F:

@@ -59,3 +59,61 @@ def test_chat_bad_input(text: str, n: int, message: str, model_for, no_leaked_ho
     chat = Chat(model, KVDirect(4))
     with no_leaked_hooks(model), pytest.raises(ValueError, match=message):
         chat.send(text, max_new_tokens=n)
+
+
+def test_a_failure_after_the_forward_leaves_the_chat_as_it_was(model_for, monkeypatch) -> None:
+    model = model_for("llama")
+    chat = Chat(model, KVDirect(4))
+    chat.send("ab", max_new_tokens=3, stop_at_eos=False)
+    before = (chat.tokens().clone(), list(chat.messages), len(chat.table))
+    tok = model.tokenizer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decode failed")
+
+    monkeypatch.setattr(tok, "decode", broken)
+    with pytest.raises(RuntimeError, match="decode failed"):
+        chat.send("cd", max_new_tokens=3, stop_at_eos=False)
+    monkeypatch.undo()
+    assert torch.equal(chat.tokens(), before[0])
+    assert chat.messages == before[1] and len(chat.table) == before[2]
+    # The next turn is the one a chat that never failed would take.
+    fresh = Chat(model, KVDirect(4))
+    fresh.send("ab", max_new_tokens=3, stop_at_eos=False)
+    reply = chat.send("cd", max_new_tokens=3, stop_at_eos=False)
+    assert reply == fresh.send("cd", max_new_tokens=3, stop_at_eos=False)
+    assert torch.equal(chat.tokens(), fresh.tokens())
+
+
+def test_one_chat_from_two_threads_takes_whole_turns(model_for) -> None:
+    """Turns sent from two threads run one after another: the result is the same as sending
+    them in the recorded order from one thread."""
+    import threading
+    import time
+
+    model = model_for("llama")
+    chat = Chat(model, "full")
+
+    def slow(act: torch.Tensor, hook: object) -> None:
+        time.sleep(0.005)  # widens the window two unsynchronised turns would interleave in
+
+    model.blocks[0].hook_resid_pre.add_hook(slow)
+    try:
+        threads = [
+            threading.Thread(
+                target=lambda w=w: [chat.send(f"{w}{i}", max_new_tokens=2) for i in range(3)]
+            )
+            for w in "xy"
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        model.blocks[0].hook_resid_pre.remove_hooks()
+    users = [m["content"] for m in chat.messages if m["role"] == "user"]
+    assert sorted(users) == ["x0", "x1", "x2", "y0", "y1", "y2"]
+    again = Chat(model, "full")
+    for text in users:
+        again.send(text, max_new_tokens=2)
+    assert torch.equal(chat.tokens(), again.tokens()) and chat.messages == again.messages

@@ -165,3 +165,19 @@ def test_token_checkpoints_over_2000_tokens_a_quarter_of_the_full_cache() -> Non
     assert full.stats.peak_total_bytes == 1999 * per_token
     ratio = kvd.stats.peak_total_bytes / full.stats.peak_total_bytes
     assert kvd.stats.peak_transient_bytes > 0 and ratio <= 0.25, ratio
+
+
+@torch.no_grad()
+def test_a_message_containing_the_reply_marker_is_fed_once() -> None:
+    """The next turn feeds only the template's text after the last reply, whatever an earlier
+    message contains (the marker residkit looks for once duplicated the history)."""
+    from residkit.generation.chat import _MARK
+
+    model = get_real("smollm2-135m-instruct")
+    fed = []
+    for first in (f"Repeat {_MARK} exactly.", "Repeat this exactly."):
+        chat = residkit.Chat(model)
+        chat.send(first, max_new_tokens=4)
+        chat.send("Thanks.", max_new_tokens=4)
+        fed.append(int(chat.table["tokens_fed"].iloc[1]))
+    assert fed[0] == fed[1] < 20, fed

@@ -275,6 +275,72 @@ def test_experiments_run_in_eval_mode_and_restore_train_mode(tmp_path) -> None:
         model.eval()
 
 
+def test_a_block_in_train_mode_on_its_own_is_put_in_eval_too(tmp_path) -> None:
+    """``model.eval()`` on the bridge leaves a block the user switched to train mode alone; the
+    call switches every module (dropout on one block's attention would break exactness)."""
+    model = residkit.load(zoo.build("llama", root=tmp_path, overrides={"attention_dropout": 0.5}))
+    model.eval()
+    block = model.blocks[1]
+    block.train()
+    try:
+        assert not model.training and block.training  # only the block trains
+        assert markov_test(model, "abcdef", "ghijkl").passed
+        kvd = generate_kvdirect(model, PROMPT, max_new_tokens=4, budget=2, return_logits=True)
+        full = generate(model, PROMPT, max_new_tokens=4, return_logits=True)
+        assert torch.equal(kvd.logits, full.logits)
+        assert block.training and not model.training  # each put back as it was
+        # Control: outside a residkit call the block's dropout does change a forward.
+        tokens = model.to_tokens(PROMPT)
+        with torch.no_grad():
+            assert not torch.equal(model(tokens), model(tokens))
+    finally:
+        model.eval()
+
+
+def test_another_threads_forward_waits_for_the_call(tmp_path) -> None:
+    """A forward started in another thread while residkit's hooks are on the model runs after
+    the call, and gets the model's own logits (before, it ran through a patch hook)."""
+    model = residkit.load(zoo.build("llama", root=tmp_path))
+    source, target = model.to_tokens("abcdefgh"), model.to_tokens("stuvwxyz")
+    with torch.no_grad():
+        clean = model(target)
+    resid = residkit.capture_residuals(model, source, layers=[2])[0]
+    inside, go = threading.Event(), threading.Event()
+
+    def slow(act: torch.Tensor, hook: object) -> None:
+        inside.set()
+        go.wait(timeout=10)
+
+    handle = model.blocks[3].hook_resid_pre.add_hook(slow)
+    seen: dict[str, torch.Tensor] = {}
+    try:
+        caller = threading.Thread(
+            target=lambda: seen.update(
+                patched=residkit.patch_residual(model, target, resid, layer=2)
+            )
+        )
+        caller.start()
+        assert inside.wait(timeout=10)
+
+        def other() -> None:
+            with torch.no_grad():
+                seen["other"] = model(target)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(timeout=0.5)
+        assert thread.is_alive()  # held until the call ends
+        go.set()
+        caller.join(timeout=30)
+        thread.join(timeout=30)
+    finally:
+        go.set()
+        model.blocks[3].hook_resid_pre.remove_hooks()
+        del handle
+    assert torch.equal(seen["other"], clean)
+    assert not torch.equal(seen["patched"], clean)  # control: the call itself was patched
+
+
 # --- 8. clear errors instead of raw ones ---------------------------------------------------
 
 

@@ -1,5 +1,7 @@
 """Multi-turn chat on one policy cache: state carries across turns, memory is reported per turn."""
 
+import secrets
+import threading
 import time
 from dataclasses import dataclass, fields
 from typing import Any
@@ -111,6 +113,7 @@ class Chat:
         self._stopped_at_eos = False
         self._turns: list[TurnMemory] = []
         self._sampler = Sampler()
+        self._lock = threading.RLock()  # one turn at a time, whatever the threads
 
     def _template_ids(self, text: str) -> list[int]:
         tok: Any = self.model.tokenizer
@@ -118,9 +121,13 @@ class Chat:
         if not self.history:
             return list(tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
         # The last assistant message becomes a marker: the text after it is new to the cache.
-        messages[-2] = {"role": "assistant", "content": _MARK}
+        # The marker is one no message contains (a user may paste anything, this too).
+        mark = _MARK
+        while any(mark in m["content"] for m in messages):
+            mark = f"{_MARK}{secrets.token_hex(8)}\x00"
+        messages[-2] = {"role": "assistant", "content": mark}
         rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        delta = rendered[rendered.index(_MARK) + len(_MARK) :]
+        delta = rendered[rendered.index(mark) + len(mark) :]
         return list(tok(delta, add_special_tokens=False)["input_ids"])
 
     def _turn_ids(self, text: str) -> Tensor:
@@ -162,6 +169,10 @@ class Chat:
         positive_int("max_new_tokens", max_new_tokens)
         if not isinstance(stop_at_eos, bool):
             raise TypeError(f"stop_at_eos must be True or False, got {stop_at_eos!r}")
+        with self._lock:
+            return self._send(text, max_new_tokens, stop_at_eos)
+
+    def _send(self, text: str, max_new_tokens: int, stop_at_eos: bool) -> str:
         start = time.perf_counter()
         ids = self._turn_ids(text)
         total = sum(t.numel() for t in self.history) + ids.shape[1] + max_new_tokens
@@ -182,37 +193,39 @@ class Chat:
                     self._sampler,
                     eos,
                 )
+                # Everything the turn changes is computed before any of it is kept, so a
+                # failure anywhere leaves the chat as it was, cache included.
+                reply = torch.stack(new)[:, 0]
+                tok: Any = self.model.tokenizer
+                reply_text = tok.decode(reply.tolist(), skip_special_tokens=True) if tok else ""
+                history = sum(t.numel() for t in self.history) + ids.shape[1] + len(new) - 1
+                mem = self.cache.memory
+                turn = TurnMemory(
+                    turn=len(self._turns),
+                    tokens_fed=ids.shape[1],
+                    tokens_generated=len(new),
+                    tokens_total=history,
+                    seconds=time.perf_counter() - start,
+                    active_kv_bytes=mem.active_kv_bytes,
+                    checkpoint_bytes=mem.checkpoint_bytes,
+                    checkpoint_reserved_bytes=mem.checkpoint_reserved_bytes,
+                    total_bytes=mem.total_bytes,
+                    peak_active_kv_bytes=mem.peak_active_kv_bytes,
+                    peak_transient_bytes=mem.peak_transient_bytes,
+                    peak_total_bytes=mem.peak_total_bytes,
+                )
             except BaseException:
                 cache.restore(snapshot)
                 raise
-        reply = torch.stack(new)[:, 0]
         self.history += [ids[0], reply[:-1]]
         self.replies.append(reply)
         self._pending = reply[-1]
         self._stopped_at_eos = eos is not None and int(reply[-1]) in eos
-        tok: Any = self.model.tokenizer
-        reply_text = tok.decode(reply.tolist(), skip_special_tokens=True) if tok else ""
         self.messages += [
             {"role": "user", "content": text},
             {"role": "assistant", "content": reply_text},
         ]
-        mem = self.cache.memory
-        self._turns.append(
-            TurnMemory(
-                turn=len(self._turns),
-                tokens_fed=ids.shape[1],
-                tokens_generated=len(new),
-                tokens_total=sum(t.numel() for t in self.history),
-                seconds=time.perf_counter() - start,
-                active_kv_bytes=mem.active_kv_bytes,
-                checkpoint_bytes=mem.checkpoint_bytes,
-                checkpoint_reserved_bytes=mem.checkpoint_reserved_bytes,
-                total_bytes=mem.total_bytes,
-                peak_active_kv_bytes=mem.peak_active_kv_bytes,
-                peak_transient_bytes=mem.peak_transient_bytes,
-                peak_total_bytes=mem.peak_total_bytes,
-            )
-        )
+        self._turns.append(turn)
         return reply_text
 
     def tokens(self) -> Tensor:
