@@ -15,7 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._bridge import temporary_hooks
+from residkit._bridge import generation_config, temporary_hooks
 from residkit._entry import entry
 from residkit.architectures import spec_for
 
@@ -25,6 +25,9 @@ __all__ = [
     "capture_with_logits",
     "check_layer",
     "check_layers",
+    "eos_ids",
+    "left_pad",
+    "pad_id",
     "to_tokens",
 ]
 
@@ -92,6 +95,46 @@ def to_tokens(
     return tokens.to(model.cfg.device)
 
 
+def eos_ids(model: TransformerBridge) -> set[int]:
+    """Token ids that end generation: the tokenizer's EOS and the generation config's, as HF's
+    ``generate`` stops on the latter (Gemma lists several)."""
+    ids: set[int] = set()
+    tok_eos = getattr(model.tokenizer, "eos_token_id", None)
+    for e in (tok_eos, getattr(generation_config(model), "eos_token_id", None)):
+        ids.update([e] if isinstance(e, int) else list(e or []))
+    return ids
+
+
+def pad_id(model: TransformerBridge) -> int:
+    """The id a padded position and a finished row hold: the generation config's
+    ``pad_token_id``, else the tokenizer's, else its first EOS (as transformers' generate)."""
+    config = generation_config(model)
+    for candidate in (
+        getattr(config, "pad_token_id", None),
+        getattr(model.tokenizer, "pad_token_id", None),
+    ):
+        if isinstance(candidate, int):
+            return candidate
+    eos = sorted(eos_ids(model))
+    return eos[0] if eos else 0
+
+
+def left_pad(
+    model: TransformerBridge, prompts: list[str], *, extra: int = 0
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Each prompt tokenised alone, then left padded with :func:`pad_id`: ids and the 2-D
+    attention mask (1 at real tokens), as transformers' ``generate`` feeds a batch."""
+    rows = [to_tokens(model, p, extra=extra)[0] for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id(model), dtype=rows[0].dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    device = rows[0].device
+    return ids.to(device), mask.to(device)
+
+
 def check_layers(
     model: TransformerBridge, layers: Sequence[int] | None, *, final: bool = True
 ) -> list[int]:
@@ -144,7 +187,10 @@ def capture_residuals(
 
     Args:
         model: A bridge from :func:`residkit.load`.
-        prompt: A prompt, list of prompts or token tensor.
+        prompt: A prompt, list of prompts or token tensor. A list of strings is tokenised
+            prompt by prompt and left padded (with the attention mask and positions, so each
+            row's real tokens are those of its prompt alone, up to the last bits); its padded
+            positions hold the padding's residuals.
         layers: Residual layers to keep, in ``0..n_layers`` (``n_layers`` = after the last
             block). Default: all ``n_layers + 1``.
 
@@ -165,7 +211,15 @@ def capture_residuals(
     """
     spec = spec_for(model)
     wanted = check_layers(model, layers)
-    tokens = to_tokens(model, prompt)
+    kwargs: dict[str, Any] = {}
+    if isinstance(prompt, Sequence) and not isinstance(prompt, str) and len(prompt) > 1:
+        # Each prompt tokenised alone and left padded, with the mask and positions a batch
+        # needs: without them the short prompts' rows would attend to their padding.
+        tokens, mask = left_pad(model, list(prompt))
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        kwargs = {"attention_mask": mask, "position_ids": positions}
+    else:
+        tokens = to_tokens(model, prompt)
     n = model.cfg.n_layers
     store: dict[int, Tensor] = {}
     # Keyed by layer: the bridge reports canonical names (hook_in), not the alias we asked.
@@ -173,7 +227,7 @@ def capture_residuals(
         (spec.resid_hook(layer, n), partial(_keep, store, layer)) for layer in sorted(set(wanted))
     ]
     with temporary_hooks(model, hooks):
-        model(tokens, return_type=None)
+        model(tokens, return_type=None, **kwargs)
     return torch.stack([store[layer] for layer in wanted])
 
 

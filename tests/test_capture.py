@@ -5,7 +5,7 @@ import torch
 
 import residkit
 from residkit.architectures import spec_for
-from tests.conftest import Boom, failing_forward
+from tests.conftest import Boom, failing_forward, get_model
 
 PROMPT = "Residual streams carry everything: 1 + 2 = 3."
 
@@ -64,3 +64,22 @@ def test_hooks_removed_when_forward_raises(model_for, no_leaked_hooks) -> None:
     model = model_for("llama")
     with failing_forward(model), no_leaked_hooks(model), pytest.raises(Boom):
         residkit.capture_residuals(model, "ab")
+
+
+def test_a_list_of_prompts_is_left_padded_with_its_mask() -> None:
+    """Each row's real positions hold its prompt alone's residuals (to the last bits: a batch
+    runs other GEMM shapes; 2e-5 measured on zoo llama, bounded here by tests/test_batch.py's
+    ROW_VS_ALONE), not residuals that attended to padding."""
+    from tests.test_batch import ROW_VS_ALONE
+
+    model = get_model("llama")
+    short, long = "hi there", "a much longer prompt than that"
+    batch = residkit.capture_residuals(model, [short, long])
+    alone = residkit.capture_residuals(model, short)
+    n = alone.shape[2]
+    assert (batch[:, 0, -n:] - alone[:, 0]).abs().max().item() < ROW_VS_ALONE
+    assert torch.equal(batch[:, 1], residkit.capture_residuals(model, long)[:, 0])
+    # Control: the same ids without the mask let the short row attend to its padding.
+    ids = model.to_tokens([short, long])
+    unmasked = residkit.capture_residuals(model, ids)
+    assert (unmasked[-1, 0, -n:] - alone[-1, 0]).abs().max().item() > 100 * ROW_VS_ALONE

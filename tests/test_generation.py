@@ -91,3 +91,24 @@ def test_empty_prompt(model_for) -> None:
     with pytest.raises(ValueError, match="empty prompt"):
         generate(model_for("llama"), "", max_new_tokens=3, policy=NoCache())
     assert residkit.generate is generate
+
+
+def test_results_have_short_reprs() -> None:
+    """What a notebook shows for a result: one line, what it is and where to look next."""
+    import residkit
+    from residkit.generation.chat import Chat
+    from tests.conftest import get_model
+
+    model = get_model("llama")
+    gen = residkit.generate(model, "abc", max_new_tokens=3, stop_at_eos=False)
+    chat = Chat(model)
+    chat.send("hi", max_new_tokens=2)
+    report = residkit.markov_test(model, "abcd", "efgh")
+    for obj, words in (
+        (gen, "3 new tokens"),
+        (gen.stats, "peak total"),
+        (report, "holds at 5 layers"),
+        (chat, "1 turns"),
+    ):
+        text = repr(obj)
+        assert words in text and len(text) < 200 and "\n" not in text, text

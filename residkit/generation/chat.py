@@ -115,6 +115,10 @@ class Chat:
         self._sampler = Sampler()
         self._lock = threading.RLock()  # one turn at a time, whatever the threads
 
+    def __repr__(self) -> str:
+        fed = sum(t.numel() for t in self.history)
+        return f"Chat({self.policy!r}, {len(self._turns)} turns, {fed} tokens fed; .table)"
+
     def _template_ids(self, text: str) -> list[int]:
         tok: Any = self.model.tokenizer
         messages = [*self.messages, {"role": "user", "content": text}]

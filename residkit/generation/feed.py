@@ -20,8 +20,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._bridge import generation_config
-from residkit.capture import Inputs, to_tokens
+from residkit.capture import Inputs, eos_ids, left_pad, pad_id, to_tokens
 
 __all__ = ["Feed", "eos_ids", "is_batch", "pad_id"]
 
@@ -31,30 +30,6 @@ def is_batch(prompt: Inputs) -> bool:
     if isinstance(prompt, Tensor):
         return prompt.ndim == 2 and prompt.shape[0] > 1
     return not isinstance(prompt, str) and isinstance(prompt, Sequence)
-
-
-def eos_ids(model: TransformerBridge) -> set[int]:
-    """Token ids that end generation: the tokenizer's EOS and the generation config's, as HF's
-    ``generate`` stops on the latter (Gemma lists several)."""
-    ids: set[int] = set()
-    tok_eos = getattr(model.tokenizer, "eos_token_id", None)
-    for e in (tok_eos, getattr(generation_config(model), "eos_token_id", None)):
-        ids.update([e] if isinstance(e, int) else list(e or []))
-    return ids
-
-
-def pad_id(model: TransformerBridge) -> int:
-    """The id a padded position and a finished row hold: the generation config's
-    ``pad_token_id``, else the tokenizer's, else its first EOS (as transformers' generate)."""
-    config = generation_config(model)
-    for candidate in (
-        getattr(config, "pad_token_id", None),
-        getattr(model.tokenizer, "pad_token_id", None),
-    ):
-        if isinstance(candidate, int):
-            return candidate
-    eos = sorted(eos_ids(model))
-    return eos[0] if eos else 0
 
 
 @dataclass
@@ -91,15 +66,8 @@ class Feed:
             return cls._with_mask(ids, attention_mask)
         if attention_mask is not None:
             raise ValueError("attention_mask goes with token ids; strings are padded here")
-        rows = [to_tokens(model, p, extra=extra)[0] for p in to_list(prompt)]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id(model), dtype=rows[0].dtype)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :] = row
-            mask[i, width - len(row) :] = 1
-        device = rows[0].device
-        return cls._with_mask(ids.to(device), mask.to(device))
+        ids, mask = left_pad(model, to_list(prompt), extra=extra)
+        return cls._with_mask(ids, mask)
 
     @classmethod
     def _with_mask(cls, ids: Tensor, mask: Tensor | None) -> Feed:

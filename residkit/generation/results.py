@@ -26,6 +26,14 @@ class GenerationStats(MemoryStats):
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.total_seconds if self.total_seconds > 0 else float("nan")
 
+    def __repr__(self) -> str:
+        mb = 1e6
+        return (
+            f"GenerationStats(peak total {self.peak_total_bytes / mb:.2f} MB, active K/V "
+            f"{self.active_kv_bytes / mb:.2f} MB, checkpoints {self.checkpoint_bytes / mb:.2f} MB, "
+            f"{self.new_tokens} tokens in {self.total_seconds:.2f} s)"
+        )
+
 
 @dataclass
 class Generation:
@@ -53,6 +61,12 @@ class Generation:
     stats: GenerationStats
     logits: Float[Tensor, "new vocab"] | None = None
     token_strs: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return (
+            f"Generation({len(self.tokens)} new tokens {self.text!r:.60}, policy={self.policy!r}, "
+            f"peak {self.stats.peak_total_bytes / 1e6:.2f} MB; .table, .stats, .logits)"
+        )
 
     @property
     def table(self) -> pd.DataFrame:

@@ -160,12 +160,13 @@ class KVDirectCache(PolicyCache):
         points = []
         for anchor, members in self.groups.items():
             top = max(members)
+            # The anchor's checkpoint is the residual after any edit there, so edits at the
+            # anchor stay exact (compared by identity: the bridge names it ``hook_in``).
+            kept = self.model.blocks[anchor].hook_resid_pre
             for block in range(anchor, top):  # replayed whole, from the anchor's residual
-                points += [
-                    p
-                    for p in hook_points(self.model.blocks[block])
-                    if p.name != self.spec.resid_pre_hook.format(layer=anchor)
-                ]
+                points += [p for p in hook_points(self.model.blocks[block]) if p is not kept]
+            if top != anchor:  # the replay hands the top layer a residual without the edit
+                points.append(self.model.blocks[top].hook_resid_pre)
             points += self.projector.kv_path_points(top)
         return points
 

@@ -226,15 +226,13 @@ def _provenances(names: Sequence[str], loaded: dict[str, TransformerBridge]) -> 
     return out
 
 
-def _not_run(claim: str, models: Sequence[str], why: str, sizes: Sizes) -> ClaimResult:
+def _not_run(claim: str, models: Sequence[str], why: str, sizes: Sizes, commit: str) -> ClaimResult:
     rows = [
         Row(m, "the whole claim at these sizes", describe(claim).split(".")[0], f"not run: {why}",
             NOT_APPLICABLE, "left out of this run for its cost")
         for m in models
     ]  # fmt: skip
-    return ClaimResult(
-        claim, CLAIMS[claim][0], rows, settings=settings_of(sizes), commit=report.commit()
-    )
+    return ClaimResult(claim, CLAIMS[claim][0], rows, settings=settings_of(sizes), commit=commit)
 
 
 def reproduce(
@@ -292,11 +290,12 @@ def reproduce(
         )
     key = "+".join(models)
     start = time.perf_counter()
+    commit = report.commit()  # the code this process runs, whatever lands while it does
     loaded: dict[str, TransformerBridge] = {}
     results = []
     for claim in tqdm(chosen, desc="claims", disable=not progress):
         if claim in skipped:
-            results.append(_not_run(claim, models, skipped[claim], sizes))
+            results.append(_not_run(claim, models, skipped[claim], sizes, commit))
             continue
         result = load_cached(folder, claim, key, sizes)
         if result is None:
@@ -305,7 +304,7 @@ def reproduce(
             t0 = time.perf_counter()
             result = CLAIMS[claim][1](loaded, sizes, progress)
             result.seconds = time.perf_counter() - t0
-            result.commit = report.commit()
+            result.commit = commit
             save_cached(folder, key, result)
         results.append(result)
     meta = {
