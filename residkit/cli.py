@@ -187,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Check, on a real model, that the KV cache is a function of the residual stream.",
     )
     parser.add_argument("--version", action="version", version=f"residkit {__version__}")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: the free cores, from the load average; see residkit.threads)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="run every residkit check on one model")
     v.add_argument(
@@ -230,6 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         help="leave a claim out, with a row saying why (repeatable)",
     )
     args = parser.parse_args(argv)
+    import torch
+
+    from residkit.threads import auto_threads
+
+    if args.threads is not None and args.threads < 1:
+        return _fail(args.command, f"--threads must be at least 1, got {args.threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads or auto_threads())
+    try:
+        return _run(args, parser)
+    finally:
+        torch.set_num_threads(before)  # called in-process (tests), leave torch as it was
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "reproduce":
         return _reproduce(args)
     if args.command == "verify":

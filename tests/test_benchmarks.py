@@ -122,3 +122,8 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path) -> None:
     assert result["exactness"] and all(c["passed"] for c in result["exactness"])
     assert {r["policy"] for r in result["decode_step"]["records"]} >= {"full", "kvdirect-token"}
     assert result["per_operation"]["records"] and result["device_map"]["run"] is False
+
+
+def test_threads_benchmark_runs() -> None:
+    out = _run("threads.py", "--tiny", "--busy", "1", "--repeats", "1")
+    assert "| residkit auto |" in out and "| torch default |" in out

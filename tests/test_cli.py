@@ -54,3 +54,17 @@ def test_verify_report_to_an_unwritable_place_exits_2(capsys, tmp_path) -> None:
     args = ["verify", "--model", "zoo:llama", "--report", str(blocker / "r.html")]
     assert cli.main(args) == 2
     assert "cannot write the report" in capsys.readouterr().err
+
+
+def test_threads_option_sets_torch_and_leaves_it_as_it_was(capsys) -> None:
+    import torch
+
+    from residkit.cli import main
+    from residkit.threads import auto_threads, cores
+
+    before = torch.get_num_threads()
+    assert main(["--threads", "0", "models", "list"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["--threads", "1", "models", "list"]) == 0
+    assert torch.get_num_threads() == before
+    assert auto_threads(load=0.0) == cores() and auto_threads(load=cores() + 5.0) == 1
