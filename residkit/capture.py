@@ -69,6 +69,7 @@ def to_tokens(
             if low < 0 or high >= vocab:
                 bad = low if low < 0 else high
                 raise ValueError(f"token id {bad} is outside the vocabulary 0..{vocab - 1}")
+        tokens = tokens.long()  # int16, uint8, ...: the embedding takes int64 (or int32)
     else:
         if isinstance(prompt, str):
             prompts = [prompt]

@@ -179,6 +179,25 @@ def _use_default_tokenizer(model: TransformerBridge, tokenizer: Any) -> None:
     set_tokenizer(model, tokenizer, prepends_bos=prepends)
 
 
+def _check_device(device: Any) -> None:
+    """A ValueError naming ``device`` unless torch knows it and this machine has it."""
+    if device is None:
+        return
+    try:
+        where = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device ({err})") from err
+    backend = getattr(torch, where.type, None)
+    if where.type in ("cpu", "meta"):
+        return
+    available = getattr(backend, "is_available", lambda: False)()
+    count = getattr(backend, "device_count", lambda: 0)() if available else 0
+    if not available:
+        raise ValueError(f"device={device!r}: this torch ({torch.__version__}) has no {where.type}")
+    if where.index is not None and where.index >= count:
+        raise ValueError(f"device={device!r}: this machine has {count} {where.type} device(s)")
+
+
 def _placement(
     device: Any, device_map: Any, offload_folder: str | os.PathLike[str] | None
 ) -> dict[str, Any] | None:
@@ -262,6 +281,7 @@ def load(
         raise TypeError(f"load() takes a name or a folder, got {name_or_path!r:.80}")
     flag("trust_remote_code", trust_remote_code)
     flag("allow_pickle", allow_pickle)
+    _check_device(device)  # before a fetch that may take minutes
     name = os.fspath(name_or_path)
     if not name.strip():
         raise ValueError("load() needs a model name or folder, got an empty string")

@@ -431,3 +431,21 @@ def test_cli_errors_are_one_line_and_exit_2(argv, words, capsys, tmp_path) -> No
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:7", "mps"])
+def test_an_unknown_or_absent_device_is_named(device) -> None:
+    with pytest.raises(ValueError, match=f"device={device!r}"):
+        residkit.load("zoo:llama", device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8, torch.int8])
+def test_token_ids_of_any_integer_dtype_are_taken(dtype) -> None:
+    model = get_model("llama")
+    ids = torch.tensor([[1, 2, 3]])
+    want = residkit.capture_residuals(model, ids)
+    assert torch.equal(residkit.capture_residuals(model, ids.to(dtype)), want)
+    assert torch.equal(
+        residkit.generate(model, ids.to(dtype), max_new_tokens=2, stop_at_eos=False).tokens,
+        residkit.generate(model, ids, max_new_tokens=2, stop_at_eos=False).tokens,
+    )
