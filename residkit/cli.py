@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -250,7 +251,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(before)  # called in-process (tests), leave torch as it was
 
 
+def _unwritable(args: argparse.Namespace) -> str | None:
+    """Why an output path given on the command line cannot be written, before hours of work."""
+    for option in ("report", "markdown", "out"):
+        path = getattr(args, option, None)
+        if path is None:
+            continue
+        if option != "out" and path.is_dir():
+            return f"--{option} {path} is a directory; give a file name"
+        parent = path if option == "out" else path.parent
+        if parent.exists() and not os.access(parent, os.W_OK):
+            return f"--{option} {path}: {parent} is not writable"
+    return None
+
+
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    problem = _unwritable(args)
+    if problem is not None:
+        return _fail(args.command, problem)
     if args.command == "reproduce":
         return _reproduce(args)
     if args.command == "verify":

@@ -68,3 +68,16 @@ def test_threads_option_sets_torch_and_leaves_it_as_it_was(capsys) -> None:
     assert main(["--threads", "1", "models", "list"]) == 0
     assert torch.get_num_threads() == before
     assert auto_threads(load=0.0) == cores() and auto_threads(load=cores() + 5.0) == 1
+
+
+def test_a_report_path_that_is_a_directory_fails_before_any_work(tmp_path, capsys) -> None:
+    import time
+
+    from residkit.cli import main
+
+    start = time.perf_counter()
+    assert main(["reproduce", "--quick", "--report", str(tmp_path)]) == 2
+    assert main(["verify", "--model", "zoo:llama", "--report", str(tmp_path)]) == 2
+    assert time.perf_counter() - start < 5  # refused before any model loads
+    err = capsys.readouterr().err
+    assert err.count("is a directory; give a file name") == 2
