@@ -127,7 +127,14 @@ def _verify(args: argparse.Namespace) -> int:
         from residkit.registry import provenance
 
         meta = {"model": args.model, "loaded from": str(target)}
-        meta.update({k: str(v) for k, v in (provenance(model) or {}).items()})
+        for key, value in (provenance(model) or {}).items():
+            if isinstance(value, dict):  # per-tensor and per-file records: counted, not dumped
+                kinds: dict[str, int] = {}
+                for item in value.values():
+                    kind = str(item) if not isinstance(item, dict) else "file"
+                    kinds[kind] = kinds.get(kind, 0) + 1
+                value = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+            meta[key] = str(value)
         path = report.write_html(args.report, meta)
         print(f"report: {path}", file=sys.stderr if args.json else sys.stdout)
     if args.out is not None and not args.no_figures:
