@@ -90,16 +90,25 @@ def _load_hf(
     """The HF model, from safetensors only (unless allowed), every tensor accounted for;
     ``placement`` (``device_map``, ``offload_folder``) goes to accelerate's dispatch."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    loaded: Any = AutoModelForCausalLM.from_pretrained(
-        target,
-        dtype=dtype,
-        attn_implementation="eager",  # what the bridge runs; hook_pattern needs it
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None if allow_pickle else True,
-        output_loading_info=True,
-        **(placement or {}),
-    )
+    # transformers draws a "Loading weights" bar on every load; residkit's loads are quiet
+    # (the setting is put back as it was).
+    quiet = not hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            target,
+            dtype=dtype,
+            attn_implementation="eager",  # what the bridge runs; hook_pattern needs it
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            output_loading_info=True,
+            **(placement or {}),
+        )
+    finally:
+        if not quiet:
+            hf_logging.enable_progress_bar()
     model, info = loaded
     problems = {
         kind: sorted(info.get(key) or [])

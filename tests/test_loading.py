@@ -108,3 +108,14 @@ def test_placement_arguments_are_checked() -> None:
         residkit.load("zoo:llama", device="cpu", device_map="auto")
     with pytest.raises(ValueError, match="offload_folder goes with a device_map"):
         residkit.load("zoo:llama", offload_folder="/tmp/x")
+
+
+def test_a_load_draws_no_transformers_bar_and_leaves_the_setting(capfd) -> None:
+    from transformers.utils import logging as hf_logging
+
+    import residkit
+
+    assert hf_logging.is_progress_bar_enabled()
+    residkit.load("zoo:llama")
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # put back as it was
