@@ -449,3 +449,16 @@ def test_token_ids_of_any_integer_dtype_are_taken(dtype) -> None:
         residkit.generate(model, ids.to(dtype), max_new_tokens=2, stop_at_eos=False).tokens,
         residkit.generate(model, ids, max_new_tokens=2, stop_at_eos=False).tokens,
     )
+
+
+def test_nan_weights_are_named_not_blamed_on_versions(tmp_path) -> None:
+    folder = copy_zoo(tmp_path, "nan")
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if "layers.1.mlp" in k)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    model = residkit.load(folder)
+    with pytest.raises(ValueError, match=r"NaN or inf in 1 tensor.*damaged") as err:
+        residkit.generate(model, "abc", max_new_tokens=2)
+    assert "transformers" not in str(err.value)  # not blamed on the libraries
+    assert residkit.generate(residkit.load(copy_zoo(tmp_path, "ok")), "abc", max_new_tokens=2)

@@ -289,9 +289,19 @@ def check_contract(model: TransformerBridge, *, force: bool = False) -> None:
 
     Raises:
         BridgeContractError: an assumption does not hold; the message names it.
+        ValueError: weights hold NaN or inf (a damaged checkpoint, not a library change).
     """
     if _CHECKED.get(model) and not force:
         return
+    # Non-finite weights fail the probes below (NaN != NaN) for reasons that are not the
+    # libraries'; say what they are instead.
+    broken = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise ValueError(
+            f"the model's weights hold NaN or inf in {len(broken)} tensor(s) ({', '.join(broken[:3])}"
+            f"{', ...' if len(broken) > 3 else ''}): the checkpoint is damaged. For a real model, "
+            "convert it again with `residkit models fetch NAME --force`"
+        )
     spec = spec_for(model)
     # The user's hooks must not see the probe's forwards.
     with muted(hook_points(model)):
