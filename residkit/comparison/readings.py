@@ -62,6 +62,7 @@ def readings_of(kl: str | Sequence[str]) -> tuple[str, ...]:
     list of names.
 
     Raises:
+        TypeError: neither a name nor a list.
         ValueError: an unknown name (the message lists the known ones) or an empty list.
 
     Examples:
@@ -72,6 +73,8 @@ def readings_of(kl: str | Sequence[str]) -> tuple[str, ...]:
         return KL_READINGS
     if kl == "both":
         return ("teacher", "free")
+    if not isinstance(kl, str | Sequence):
+        raise TypeError(f"kl must be a reading name or a list of them, got {kl!r:.80}")
     names = (kl,) if isinstance(kl, str) else tuple(kl)
     if not names:
         raise ValueError("kl is an empty list; pass a reading, 'both' or 'all'")
