@@ -167,7 +167,7 @@ class Sizes:
     budgets: tuple[int, ...] = (16, 32, 64, 128, 256)
     grid_lengths: tuple[int, ...] = (256, 512, 1024, 2048)
     fractions: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5)
-    grid_prompts: int = 1
+    grid_prompts: int = 2
     grid_tokens: int = 16
     latency_tokens: tuple[int, ...] = (16, 64, 128, 256, 500)
     latency_batches: tuple[int, ...] = (1, 4, 16)
