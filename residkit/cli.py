@@ -235,7 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument(
         "--markdown", type=Path, help="also write a Markdown page with figure images here"
     )
-    r.add_argument("--quick", action="store_true", help="reduced sizes: minutes, not an hour")
+    r.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced sizes: about 6 minutes on 2 shared cores (the full run takes hours)",
+    )
     r.add_argument("--fresh", action="store_true", help="ignore results cached by earlier runs")
     r.add_argument(
         "--not-run",
