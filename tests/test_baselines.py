@@ -357,8 +357,8 @@ def test_policies_are_frozen_dataclasses() -> None:
 
     policy = SnapKV(8)
     assert repr(policy) == (
-        "SnapKV(budget=8, scope='global', window_size=32, kernel_size=5, pooling='avg', "
-        "decode='window')"
+        "SnapKV(budget=8, scope='global', prefill_chunk=None, window_size=32, kernel_size=5, "
+        "pooling='avg', decode='window')"
     )
     assert policy == SnapKV(8) and hash(policy) == hash(SnapKV(8))
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -235,7 +235,7 @@ def resolve_policy(policy: Any, budget: int | None = None) -> CachePolicy:
 
     Examples:
         >>> resolve_policy("h2o", budget=8)
-        H2O(budget=8, scope='global', recent=None)
+        H2O(budget=8, scope='global', prefill_chunk=None, recent=None)
         >>> resolve_policy("lru")
         Traceback (most recent call last):
         ...
