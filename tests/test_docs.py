@@ -201,3 +201,25 @@ def test_maths_hook() -> None:
     html = maths.tex_to_mathml("is\n$x^2$. And `$y$` and\n\n$$z$$\n")
     assert html.startswith("is\n<span><math") and "`$y$`" in html
     assert '<math xmlns="http://www.w3.org/1998/Math/MathML" display="block">' in html
+
+
+def test_reproduction_page_is_written_by_the_command_from_its_results() -> None:
+    """docs/reproduction.md is what ``residkit reproduce --markdown`` renders from the results
+    saved beside it (so no number on it was typed or edited by hand), from a named commit."""
+    import json
+
+    from residkit.reproduction.markdown import rerender
+
+    page = DOCS / "reproduction.md"
+    text = page.read_text(encoding="utf-8")
+    assert text == rerender(page)
+    saved = json.loads((DOCS / "reproduction" / "results.json").read_text())
+    results = saved["reproduction"]["results"]
+    assert all(
+        re.fullmatch(r"[0-9a-f]{40}", r["commit"]) for r in results  # from a clean tree
+    )
+    # Control: one number changed on the page is caught.
+    first = re.search(r"\d+\.\d+", text)
+    assert first is not None
+    edited = text[: first.start()] + "9" + text[first.start() + 1 :]
+    assert edited != rerender(page)
