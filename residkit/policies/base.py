@@ -47,8 +47,8 @@ class MemoryStats:
             included (current and peak); equal to ``checkpoint_bytes`` where nothing is spare.
         peak_transient_bytes: Peak bytes alive during one layer's recompute and then freed: the
             recomputed K/V, the norm output of the recomputed rows and the rotary tables; the
-            whole replayed cache in token mode; or the old checkpoint buffer while it is copied
-            into a grown one.
+            replay's K/V between two global layers and the span's residual in token mode; or
+            the old checkpoint buffer while it is copied into a grown one.
         peak_total_bytes: The peak of active K/V during a forward + reserved checkpoints +
             that forward's transient bytes: the number to compare with the full cache's K/V
             (an upper bound: a forward's transient and active peaks need not coincide).

@@ -23,7 +23,8 @@ Checkpoint modes:
   from the checkpoint below (:mod:`residkit.policies.plans`; ``keep_top=r`` keeps whole K/V
   at the top r layers of each group instead). k = 1 is ``"layer"``.
 - ``"token"`` (the paper's "one vector per token" accounting, taken literally): only token ids;
-  the evicted span is recomputed through the whole stack (a prefill of the evicted span).
+  the evicted span is replayed from the ids, one stretch of blocks per global layer in step with
+  the forward (a prefill of the evicted span, but never a whole cache alive at once).
 
 ``mode="exact"`` recomputes every original chunk with its original shape (the prompt as one
 chunk, each decoded token alone; inside one call per layer, see :mod:`residkit.projector`),
@@ -68,7 +69,7 @@ class KVDirect(CachePolicy):
         budget: Tokens of K/V kept per global layer (>= 0).
         checkpoint: ``"layer"`` (residual per token per global layer), ``"stride"`` (a
             residual every ``stride`` managed layers, the layers between rebuilt by replay) or
-            ``"token"`` (token ids only; the evicted span is replayed through the whole stack).
+            ``"token"`` (token ids only; the evicted span is replayed from the ids, layer by layer).
         mode: ``"exact"`` (original chunk shapes, bitwise) or ``"fast"`` (one batched call).
         measure_deviation: :func:`residkit.generate` runs a shadow full cache beside it and
             reports the max |logit difference| (``stats.max_logit_deviation``).
