@@ -215,9 +215,8 @@ def test_reproduction_page_is_written_by_the_command_from_its_results() -> None:
     assert text == rerender(page)
     saved = json.loads((DOCS / "reproduction" / "results.json").read_text())
     results = saved["reproduction"]["results"]
-    assert all(
-        re.fullmatch(r"[0-9a-f]{40}", r["commit"]) for r in results  # from a clean tree
-    )
+    # Each claim ran from a clean tree, at a commit that holds its code.
+    assert all(re.fullmatch(r"[0-9a-f]{40}", r["commit"]) for r in results)
     # Control: one number changed on the page is caught.
     first = re.search(r"\d+\.\d+", text)
     assert first is not None
