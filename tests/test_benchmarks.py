@@ -127,3 +127,8 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu(tmp_path) -> None:
 def test_threads_benchmark_runs() -> None:
     out = _run("threads.py", "--tiny", "--busy", "1", "--repeats", "1")
     assert "| residkit auto |" in out and "| torch default |" in out
+
+
+def test_token_memory_benchmark_runs() -> None:
+    out = _run("token_memory.py", "--tiny", "--tokens", "200", "--chunk", "32", "--budget", "8")
+    assert "logits bitwise equal: True" in out and "| KV-Direct, token checkpoints |" in out
