@@ -96,3 +96,30 @@ def test_unknown_reading_is_named() -> None:
     model = get_model("llama")
     with pytest.raises(ValueError, match="'bogus'"):
         compare_policies(model, PROMPT, budgets=[3], kl="bogus", progress=False)
+
+
+def test_shipped_texts_refuse_unknown_names_and_changed_bytes(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from residkit.reproduction import prompts
+
+    with pytest.raises(ValueError, match="no shipped text 'lorem'"):
+        prompts.text("lorem")
+    copy = tmp_path / "texts"
+    shutil.copytree(prompts.TEXT_DIR, copy)
+    monkeypatch.setattr(prompts, "TEXT_DIR", copy)
+    assert prompts.text("code-difflib").startswith('"""')  # control: the copy reads
+    path = copy / "code-difflib.txt"
+    path.write_bytes(path.read_bytes().replace(b"difflib", b"diffl1b", 1))
+    with pytest.raises(ValueError, match="not the pinned"):
+        prompts.text("code-difflib")
+    model = get_model("llama")
+    with pytest.raises(ValueError, match="n=0: residkit ships 20 texts"):
+        prompts.prompt_set(model, 0)
+
+
+def test_bad_prefill_chunks_and_empty_intervals_are_named() -> None:
+    with pytest.raises((TypeError, ValueError), match="prefill_chunk"):
+        Window(4, prefill_chunk=0)
+    with pytest.raises(ValueError, match="at least one value"):
+        mean_interval([])
