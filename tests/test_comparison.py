@@ -123,3 +123,39 @@ def test_bad_prefill_chunks_and_empty_intervals_are_named() -> None:
         Window(4, prefill_chunk=0)
     with pytest.raises(ValueError, match="at least one value"):
         mean_interval([])
+
+
+def test_resume_reads_finished_cells_back_and_only_those(tmp_path, monkeypatch) -> None:
+    import residkit.comparison as comparison
+
+    model = get_model("llama")
+    calls = []
+    real = comparison.generate
+    monkeypatch.setattr(comparison, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = {"budgets": [3, 5], "policies": ["window", "kvdirect"], "kl": "all", "progress": False}
+    path = tmp_path / "cells.jsonl"
+    first = compare_policies(model, PROMPT, max_new_tokens=6, resume=path, **kw)
+    n_first = len(calls)
+    assert n_first > 0 and len(path.read_text().splitlines()) == 4
+    again = compare_policies(model, PROMPT, max_new_tokens=6, resume=path, **kw)
+    assert len(calls) == n_first  # nothing decoded: every cell came from the file
+    assert again.table.equals(first.table) and again.steps.equals(first.steps)
+    # A cell cut short by a killed process is run again; the others are read back.
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])
+    third = compare_policies(model, PROMPT, max_new_tokens=6, resume=path, **kw)
+    assert n_first < len(calls) < 2 * n_first and third.table.equals(first.table)
+    # Control: another argument is another key, so every cell runs again.
+    before = len(calls)
+    compare_policies(model, PROMPT, max_new_tokens=5, resume=path, **kw)
+    assert len(calls) - before >= n_first - 1  # the reference and every cell again
+
+
+def test_the_full_cache_row_is_the_reference_run() -> None:
+    model = get_model("llama")
+    cmp = compare_policies(model, PROMPT, budgets=[3], policies=["full"], max_new_tokens=6,
+                           kl="all", progress=False)  # fmt: skip
+    full = generate(model, PROMPT, max_new_tokens=6, return_logits=True, stop_at_eos=False)
+    row = cmp.table.iloc[0]
+    assert row["token_match"] == 100.0 and row["max_kl"] == 0.0
+    assert row["peak_total_bytes"] == full.stats.peak_total_bytes

@@ -190,6 +190,33 @@ def test_a_second_run_resumes_from_the_cache(run) -> None:
     assert load_cached(cache, "markov", "+".join(REAL), Sizes()) is None
 
 
+def test_long_claims_resume_cell_by_cell(run, monkeypatch: pytest.MonkeyPatch) -> None:
+    import residkit.comparison
+    import residkit.reproduction.fractions
+
+    result, _, cache = run
+    key = "+".join(REAL)
+    for claim in ("baselines", "fractions"):
+        assert (cache / f"{claim}--{key}.cells.jsonl").stat().st_size > 0
+        (cache / f"{claim}--{key}.json").unlink()  # as if the run stopped before the claim ended
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished cell was decoded again")
+
+    monkeypatch.setattr(residkit.comparison, "generate", refuse)
+    monkeypatch.setattr(residkit.reproduction.fractions, "generate", refuse)
+    again = reproduce(list(REAL), claims=["baselines", "fractions"], quick=True, cache=cache,
+                      progress=False, load=get_real)  # fmt: skip
+    mine = result.table[result.table["claim"].isin(["baselines", "fractions"])]
+    pd.testing.assert_frame_equal(again.table.reset_index(drop=True), mine.reset_index(drop=True))
+    # Control: without the cells the claim decodes again, and meets the refusal.
+    (cache / f"fractions--{key}.cells.jsonl").unlink()
+    (cache / f"fractions--{key}.json").unlink()
+    with pytest.raises(AssertionError, match="decoded again"):
+        reproduce(list(REAL), claims=["fractions"], quick=True, cache=cache, progress=False,
+                  load=get_real)  # fmt: skip
+
+
 def test_claim_results_round_trip_and_refuse_other_formats(tmp_path: Path) -> None:
     row = Row("m", "q", "p", "r", "reproduced", rule="r", source="abstract")
     result = ClaimResult("markov", "t", [row], settings={"a": 1}, commit="abc")

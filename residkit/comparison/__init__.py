@@ -18,6 +18,8 @@ interval over prompts (Student t, :func:`residkit.metrics.mean_interval`).
 """
 
 import dataclasses
+import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -29,16 +31,17 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import hf_config, n_kv_heads
+from residkit._cells import CellStore
 from residkit._entry import entry
 from residkit._validate import choice, non_negative_int, positive_int
 from residkit.architectures import SCOPES, Scope, spec_for
 from residkit.capture import Inputs, to_tokens
+from residkit.comparison.cells import key_parts, run_cell
 from residkit.comparison.readings import KL_READINGS, readings_of
-from residkit.comparison.result import PolicyComparison, summarise
+from residkit.comparison.result import PolicyComparison
 from residkit.generation.engine import Generation, Generations, decode_loop, generate, next_logits
 from residkit.generation.engine import prefill as prefill_cache
 from residkit.generation.sampling import Sampler
-from residkit.metrics import kl_divergence
 from residkit.policies.base import CachePolicy, policy_classes, resolve_policy
 
 __all__ = ["BASELINES", "KL_READINGS", "PolicyComparison", "compare_policies", "kept_positions"]
@@ -68,44 +71,11 @@ def _resolve(policies: Sequence[str | PolicyFactory] | None) -> list[tuple[str, 
     return out
 
 
-def _logits(gen: Generation) -> Tensor:
-    assert gen.logits is not None
-    return gen.logits
-
-
 def _scoped(policy: CachePolicy, scope: str) -> CachePolicy:
     """``policy`` managing the layers ``scope`` names (policies without a scope stay as they are)."""
     if scope == "global" or not hasattr(policy, "scope"):
         return policy
     return dataclasses.replace(policy, scope=scope)  # type: ignore[call-arg]
-
-
-def _stack(rows: list[Generation]) -> Tensor:
-    return torch.stack([r.tokens for r in rows])
-
-
-def _step_rows(
-    label: str,
-    budget: int,
-    prompt: int,
-    ref: Generation,
-    free: Generation,
-    forced: list[Generation] | None,
-    along: list[Generation] | None,
-    j: int,
-    own: bool,
-) -> list[dict[str, object]]:
-    """One row per decoded step of one prompt: token match and the KLs that were measured."""
-    nan = [float("nan")] * len(free.tokens)
-    teacher = nan if forced is None else kl_divergence(_logits(ref), _logits(forced[j])).tolist()
-    free_kl = nan if along is None else kl_divergence(_logits(along[j]), _logits(free)).tolist()
-    own_kl = kl_divergence(_logits(ref), _logits(free)).tolist() if own else nan
-    match = (free.tokens == ref.tokens).tolist()
-    return [
-        {"policy": label, "budget": budget, "prompt": prompt, "step": t, "match": m, "kl": k,
-         "free_kl": f, "own_kl": o}
-        for t, (m, k, f, o) in enumerate(zip(match, teacher, free_kl, own_kl, strict=True))
-    ]  # fmt: skip
 
 
 def _batch(group: list[str | Tensor]) -> Inputs:
@@ -140,6 +110,7 @@ def compare_policies(
     batch_size: int = 1,
     seed: int | None = None,
     progress: bool = True,
+    resume: str | os.PathLike[str] | None = None,
 ) -> PolicyComparison:
     """Token match (%) and KL against the full cache, per policy and budget.
 
@@ -166,6 +137,11 @@ def compare_policies(
             a generator seeded with it, the same seed for the full cache and every policy, so
             an exact policy draws the full cache's tokens.
         progress: Show a tqdm bar.
+        resume: A file of finished cells (JSON lines, created if missing). Each finished
+            (policy, budget) cell is written there at once; a later call with the same
+            model weights, prompts and arguments, on the same residkit source, reads it back
+            instead of decoding again, so an interrupted sweep goes on where it stopped. Any
+            other change gives another key, and the cell runs again.
 
     Returns:
         A :class:`PolicyComparison` (``.table``, ``.steps``, ``.figure()``).
@@ -238,60 +214,36 @@ def compare_policies(
         )
         return list(out) if isinstance(out, Generations) else [out]
 
-    refs = [run(g) for g in groups]
+    store = None if resume is None else CellStore(resume)
+    common = None if store is None else key_parts(model, groups, max_new_tokens, readings, seed)
+    refs: dict[int, list[Generation]] = {}
+
+    def ref(i: int) -> list[Generation]:
+        if i not in refs:  # only for a group some unfinished cell needs
+            refs[i] = run(groups[i])
+        return refs[i]
+
     steps: list[dict[str, object]] = []
     rows: list[dict[str, object]] = []
     bar = tqdm(total=len(grid) * len(budgets) * len(items), disable=not progress, desc="policies")
     for label, row in zip(labels, grid, strict=True):
         for budget, policy in zip(budgets, row, strict=True):
-            peak_kv = peak_ckpt = peak_total = held = 0
-            cell: list[dict[str, object]] = []
-            for first, group, ref_rows in zip(
-                range(0, len(items), batch_size), groups, refs, strict=True
-            ):
-                free_rows = run(group, policy)
-                same = all(
-                    torch.equal(f.tokens, r.tokens)
-                    for f, r in zip(free_rows, ref_rows, strict=True)
-                )
-                # Same tokens fed means the same forwards: the free run is the forced run, and
-                # the full cache along the policy's text is the reference itself.
-                forced_rows = along_rows = None
-                if "teacher" in readings:
-                    forced_rows = free_rows if same else run(group, policy, _stack(ref_rows))
-                if "free" in readings:
-                    along_rows = ref_rows if same else run(group, "full", _stack(free_rows))
-                for j, (ref, free) in enumerate(zip(ref_rows, free_rows, strict=True)):
-                    cell += _step_rows(
-                        label,
-                        budget,
-                        first + j,
-                        ref,
-                        free,
-                        forced_rows,
-                        along_rows,
-                        j,
-                        "own" in readings,
-                    )
-                stats = free_rows[0].stats  # the batch's; every row holds the same shapes
-                peak_kv = max(peak_kv, stats.peak_active_kv_bytes // len(group))
-                peak_ckpt = max(peak_ckpt, stats.peak_checkpoint_bytes // len(group))
-                peak_total = max(peak_total, stats.peak_total_bytes // len(group))
-                between = stats.active_kv_bytes + stats.checkpoint_bytes
-                held = max(held, between // len(group))
-                bar.update(len(group))
+            key = None
+            if store is not None:
+                key = store.key({**(common or {}), "label": label, "budget": budget,
+                                 "policy": repr(policy)})  # fmt: skip
+                done = store.get(key)
+                if done is not None:
+                    steps += done["steps"]
+                    rows.append(done["row"])
+                    bar.update(len(items))
+                    continue
+            t0 = time.perf_counter()
+            summary, cell = run_cell(label, budget, policy, groups, ref, run, readings, bar)
             steps += cell
-            rows.append(
-                {
-                    "policy": label,
-                    "budget": budget,
-                    **summarise(pd.DataFrame(cell), readings),
-                    "peak_active_kv_bytes": peak_kv,
-                    "peak_checkpoint_bytes": peak_ckpt,
-                    "peak_total_bytes": peak_total,
-                    "held_bytes": held,
-                }
-            )
+            rows.append(summary)
+            if store is not None and key is not None:
+                store.put(key, {"row": summary, "steps": cell}, time.perf_counter() - t0)
     bar.close()
     return PolicyComparison(rows=rows, steps=pd.DataFrame(steps))
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit import report
+from residkit._cells import CellStore
 from residkit._paths import home
 from residkit.registry import REAL_MODELS, provenance
 from residkit.reproduction import (
@@ -54,7 +55,7 @@ from residkit.reproduction.base import (
 
 __all__ = ["CLAIMS", "ClaimResult", "Reproduction", "Sizes", "reproduce"]
 
-Run = Callable[[dict[str, TransformerBridge], Sizes, bool], ClaimResult]
+Run = Callable[..., ClaimResult]
 
 CLAIMS: dict[str, tuple[str, Run]] = {
     "markov": (markov.TITLE, markov.run),
@@ -67,6 +68,10 @@ CLAIMS: dict[str, tuple[str, Run]] = {
     "latency": (latency.TITLE, latency.run),
 }
 """Claim id -> (what the paper claims, the function that measures it)."""
+
+RESUMABLE = ("baselines", "fractions")
+"""Claims whose runs take ``cells=``: a file where each finished cell is kept, so that a run of
+hours stopped part way resumes at its first unfinished cell rather than at the claim's start."""
 
 DEFAULT_MODELS = tuple(REAL_MODELS)
 
@@ -302,8 +307,13 @@ def reproduce(
             if not loaded:  # only when some claim is not cached yet
                 loaded = {name: (load or residkit.load)(name) for name in models}
             t0 = time.perf_counter()
-            result = CLAIMS[claim][1](loaded, sizes, progress)
+            extra = {}
+            if folder is not None and claim in RESUMABLE:
+                extra["cells"] = folder / f"{claim}--{key}.cells.jsonl"
+            result = CLAIMS[claim][1](loaded, sizes, progress, **extra)
             result.seconds = time.perf_counter() - t0
+            if "cells" in extra:  # cells read back took their time in earlier processes
+                result.seconds = max(result.seconds, CellStore(extra["cells"]).seconds())
             result.commit = commit
             save_cached(folder, key, result)
         results.append(result)

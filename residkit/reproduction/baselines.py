@@ -25,6 +25,7 @@ the prompt, from the same table.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
 from transformer_lens.model_bridge import TransformerBridge
@@ -191,7 +192,9 @@ def rows_for(name: str, tables: dict[str, list[dict]], n_prompts: int, sizes: Si
     return rows
 
 
-def run(models: dict[str, TransformerBridge], sizes: Sizes, progress: bool) -> ClaimResult:
+def run(
+    models: dict[str, TransformerBridge], sizes: Sizes, progress: bool, cells: Path | None = None
+) -> ClaimResult:
     rows, figures, data = [], [], {}
     for name, model in models.items():
         sliding = spec_for(model).sliding_layers(hf_config(model))
@@ -210,6 +213,7 @@ def run(models: dict[str, TransformerBridge], sizes: Sizes, progress: bool) -> C
                 seed=seed,
                 batch_size=len(prompts),  # equal lengths: no padding; rows decode as alone
                 progress=progress,
+                resume=cells,
             )
         cmp = runs["greedy"]
         tables = {k: v.table.to_dict("records") for k, v in runs.items()}

@@ -18,15 +18,19 @@ in every peak alike.
 from __future__ import annotations
 
 import dataclasses
+import time
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+import transformers
 from plotly.subplots import make_subplots
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from residkit._cells import CellStore, model_fingerprint
 from residkit.generation import generate
 from residkit.metrics import kl_divergence
 from residkit.policies import FullCache, KVDirect
@@ -116,15 +120,31 @@ def _record(name: str, plan: str, gen: Any, full: Any) -> dict[str, Any]:
     }
 
 
-def measure(model: TransformerBridge, sizes: Sizes, progress: bool) -> pd.DataFrame:
-    """One row per (length, share, prompt, policy)."""
+def measure(
+    model: TransformerBridge, sizes: Sizes, progress: bool, store: CellStore | None = None
+) -> pd.DataFrame:
+    """One row per (length, share, prompt, policy); cells found in ``store`` are read back."""
     longest = max(sizes.grid_lengths)
     prompts = prompt_set(model, sizes.grid_prompts, longest + 1)
     cells = [(n, f, p) for n in sizes.grid_lengths for f in sizes.fractions for p in prompts]
     records = []
+    weights = ""
     for length, share, (label, ids) in tqdm(cells, desc="equal memory", disable=not progress):
         budget = max(1, round(share * length))
-        for r in _cell(model, ids[:, :length], budget, sizes.grid_tokens):
+        key = None
+        if store is not None:
+            weights = weights or model_fingerprint(model)
+            key = store.key({"weights": weights, "device": str(ids.device), "ids": ids[:, :length],
+                             "budget": budget, "new": sizes.grid_tokens,
+                             "threads": torch.get_num_threads(), "torch": torch.__version__,
+                             "transformers": transformers.__version__})  # fmt: skip
+        done = None if store is None or key is None else store.get(key)
+        if done is None:
+            t0 = time.perf_counter()
+            done = _cell(model, ids[:, :length], budget, sizes.grid_tokens)
+            if store is not None and key is not None:
+                store.put(key, done, time.perf_counter() - t0)
+        for r in done:
             records.append(
                 {"length": length, "share": share, "budget": budget, "prompt": label, **r}
             )
@@ -221,10 +241,13 @@ def rows_for(name: str, table: pd.DataFrame, sizes: Sizes) -> list[Row]:
     return rows
 
 
-def run(models: dict[str, TransformerBridge], sizes: Sizes, progress: bool) -> ClaimResult:
+def run(
+    models: dict[str, TransformerBridge], sizes: Sizes, progress: bool, cells: Path | None = None
+) -> ClaimResult:
     rows, figures, data = [], [], {}
+    store = None if cells is None else CellStore(cells)
     for name, model in models.items():
-        table = measure(model, sizes, progress)
+        table = measure(model, sizes, progress, store)
         rows += rows_for(name, table, sizes)
         figures.append(_figure(name, table).to_json())
         data[name] = table.to_dict("records")
