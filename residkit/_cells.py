@@ -77,10 +77,15 @@ class CellStore:
 
     Args:
         path: The file (created with its folder on the first :meth:`put`).
+        name: The argument ``path`` came from, for error messages.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], name: str = "path") -> None:
+        if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+            raise TypeError(f"{name} must be a path to a file, got {path!r:.80}")
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ValueError(f"{name}={str(self.path)!r} is a folder; pass a file for the cells")
         self._cells: dict[str, Any] = {}
         self._seconds: dict[str, float] = {}
         try:

@@ -81,6 +81,15 @@ def flag(name: str, value: Any) -> bool:
     return value
 
 
+def text_dict(name: str, value: Any) -> dict[str, str]:
+    """``value`` if it is a dict of str -> str, else a TypeError naming it."""
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise TypeError(f"{name} must be a dict of name -> text, got {value!r:.80}")
+    return value
+
+
 def choice(name: str, value: Any, options: Iterable[str]) -> str:
     """``value`` if it is one of ``options``, else a ValueError listing them."""
     allowed = tuple(options)

@@ -290,6 +290,11 @@ def load(
         raise TypeError(f"load() takes a name or a folder, got {name_or_path!r:.80}")
     flag("trust_remote_code", trust_remote_code)
     flag("allow_pickle", allow_pickle)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(
+            f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, torch.float16, "
+            f"torch.float64), got {dtype!r:.80}"
+        )
     _check_device(device)  # before a fetch that may take minutes
     name = os.fspath(name_or_path)
     if not name.strip():

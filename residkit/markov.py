@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._entry import entry
-from residkit._validate import choice
+from residkit._validate import choice, text_dict
 from residkit.architectures import spec_for
 from residkit.capture import Inputs, capture_with_logits, check_layers, to_tokens
 from residkit.patching import run_patched, run_patched_to_final
@@ -388,6 +388,7 @@ def cross_task_suite(
         (True, True)
     """
     tasks = TASKS if tasks is None else tasks
+    text_dict("tasks", tasks)
     if len(tasks) < 2:
         raise ValueError(f"need at least two tasks to pair, got {list(tasks)}")
     pairs = list(itertools.permutations(tasks, 2))

@@ -106,8 +106,8 @@ CALLS: list[bool] = []  # one per call: whether it returned a result
 def _report() -> None:
     path = os.environ.get("RESIDKIT_FUZZ_COUNT")
     if path:
-        with open(path, "w") as f:
-            f.write(f"{len(CALLS)} {sum(CALLS)}")
+        with open(path, "a") as f:  # one line per instance of this module (see test_fuzz.py)
+            f.write(f"{len(CALLS)} {sum(CALLS)}\n")
 
 
 def run(call: Callable[[], Any], model: Any, allowed: tuple[type[BaseException], ...] = ()) -> None:

@@ -80,6 +80,8 @@ def left_padded_mask(mask: Tensor | None, batch: int, length: int) -> Tensor | N
     mask of another shape or one that is not left padding (a zero after a one)."""
     if mask is None:
         return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"attention_mask must be a tensor [batch, pos] of 0/1, got {mask!r:.80}")
     if mask.ndim != 2 or tuple(mask.shape) != (batch, length):
         raise ValueError(
             f"a residkit cache takes a 2-D attention_mask [batch, past + new] = [{batch}, "

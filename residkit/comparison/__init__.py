@@ -214,7 +214,7 @@ def compare_policies(
         )
         return list(out) if isinstance(out, Generations) else [out]
 
-    store = None if resume is None else CellStore(resume)
+    store = None if resume is None else CellStore(resume, name="resume")
     common = None if store is None else key_parts(model, groups, max_new_tokens, readings, seed)
     refs: dict[int, list[Generation]] = {}
 
@@ -253,7 +253,7 @@ def compare_policies(
 def kept_positions(
     model: TransformerBridge,
     prompt: str | Tensor,
-    policy: CachePolicy,
+    policy: CachePolicy | str,
     max_new_tokens: int = 30,
 ) -> pd.DataFrame:
     """Positions whose K/V attention can read after a greedy generation under ``policy``.
@@ -276,6 +276,8 @@ def kept_positions(
         >>> sorted(set(df["position"]))  # 9 prompt tokens + 3 fed: positions 9, 10, 11 kept
         [9, 10, 11]
     """
+    policy = resolve_policy(policy)  # a policy or its name; anything else is named
+    positive_int("max_new_tokens", max_new_tokens)
     tokens: Int[Tensor, "1 pos"] = to_tokens(model, prompt)
     with policy.make_cache(model) as cache:
         logits = prefill_cache(model, cache, tokens, policy.prefill_chunk_size)
