@@ -102,6 +102,19 @@ class Lab:
                 self.proc.wait()
         self.log.close()
 
+    def shutdown_kernels(self) -> int:
+        """End every session and its kernel (a notebook left running must not slow or confuse
+        the next one); returns how many were ended."""
+        base = f"{self.url}/api/sessions"
+        with urllib.request.urlopen(f"{base}?token={self.token}", timeout=10) as r:
+            sessions = json.loads(r.read())
+        for session in sessions:
+            request = urllib.request.Request(
+                f"{base}/{session['id']}?token={self.token}", method="DELETE"
+            )
+            urllib.request.urlopen(request, timeout=30).close()
+        return len(sessions)
+
     def notebook_url(self, name: str) -> str:
         return f"{self.url}/lab/tree/{name}?reset&token={self.token}"
 
@@ -171,7 +184,7 @@ def run_notebook(page: Any, lab: Lab, name: str, timeout_s: float = 600) -> Note
             break
         time.sleep(1)
     else:
-        raise TimeoutError(f"{name} did not finish within {timeout_s} s")
+        raise TimeoutError(f"{name} did not finish within {timeout_s} s; {_running(panel)}")
     result.unrun = sum(not any(ch.isdigit() for ch in p) for p in prompts)
     page.wait_for_timeout(1500)  # last outputs and widget views render
     result.seconds = time.monotonic() - start
@@ -194,6 +207,20 @@ def run_notebook(page: Any, lab: Lab, name: str, timeout_s: float = 600) -> Note
     panel.page.keyboard.press("Control+s")
     panel.page.wait_for_timeout(1000)
     return result
+
+
+def _running(panel: Any) -> str:
+    """Which code cell was running, by index and first line, and how many had not run."""
+    cells = panel.locator(".jp-CodeCell")
+    prompts = cells.locator(".jp-InputPrompt").all_inner_texts()
+    # Lab marks the running cell and every cell queued after it with "[*]".
+    waiting = sum(not any(ch.isdigit() for ch in p) for p in prompts)
+    for i, prompt in enumerate(prompts):
+        if "*" in prompt:
+            source = cells.nth(i).locator(".jp-InputArea-editor").inner_text().strip()
+            first = source.splitlines()[0] if source else ""
+            return f"code cell {i} was running ({first!r}), {waiting - 1} more had not run"
+    return f"no cell was running, {waiting} had not run"
 
 
 def copy_notebooks(src: Path, dst: Path) -> list[str]:

@@ -68,15 +68,26 @@ def lab(tmp_path_factory: pytest.TempPathFactory, executed_notebooks: Path) -> I
 
 
 @pytest.fixture(scope="module")
-def page(lab: Lab) -> Iterator[object]:
+def browser() -> Iterator[object]:
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        block_network(page)
+        chromium = p.chromium.launch(executable_path=CHROMIUM)
         try:
-            yield page
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+@pytest.fixture
+def page(lab: Lab, browser) -> Iterator[object]:
+    """A fresh page per test, and no kernel left running after it, whatever happened: one
+    notebook's timeout or failure never reaches the next."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    block_network(page)
+    try:
+        yield page
+    finally:
+        page.close()
+        lab.shutdown_kernels()
 
 
 def _poll(read, before, timeout_s: float = 60.0):
@@ -151,6 +162,38 @@ def test_notebook_in_jupyterlab(name: str, lab: Lab, page) -> None:
         _drive_patching_explorer(panel)
     if name.startswith("03_"):
         _drive_rank_explorer(panel)
+
+
+def _notebook(*sources: str) -> dict:
+    cells = [
+        {"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {},
+         "outputs": [], "source": [src]}
+        for i, src in enumerate(sources)
+    ]  # fmt: skip
+    return {**CDN_NOTEBOOK, "cells": cells}
+
+
+def test_a_timeout_names_the_running_cell_and_the_next_notebook_still_runs(lab: Lab, browser):
+    (lab.root / "hang.ipynb").write_text(
+        json.dumps(_notebook("x = 1", "import time\ntime.sleep(900)", "y = 2"))
+    )
+    (lab.root / "after.ipynb").write_text(json.dumps(_notebook("a = 1", "b = a + 1\nb")))
+    first = browser.new_page()
+    try:
+        with pytest.raises(
+            TimeoutError, match=r"code cell 1 was running \('import time'\), 1 more had not"
+        ):
+            run_notebook(first, lab, "hang.ipynb", timeout_s=15)
+    finally:
+        first.close()
+        assert lab.shutdown_kernels() >= 1  # the hanging kernel is ended
+    second = browser.new_page()
+    try:
+        run = run_notebook(second, lab, "after.ipynb", timeout_s=120)
+    finally:
+        second.close()
+        lab.shutdown_kernels()
+    assert run.unrun == 0 and not run.errors
 
 
 def test_cdn_renderer_is_caught(lab: Lab, page) -> None:
