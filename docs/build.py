@@ -1,10 +1,12 @@
-"""Build the documentation site: ``python docs/build.py [--notebooks DIR] [--site DIR]``.
+"""Build the documentation site: ``python docs/build.py [--execute | --notebooks DIR] [--site DIR]``.
 
 The site is made in a temporary copy of ``docs/``, so building changes no tracked file:
 
 - the notebooks are added under ``notebooks/``: the executed copies in ``--notebooks`` when
-  given (the test suite passes the ones it ran in JupyterLab), else the committed ones, which
-  have no outputs; their TeX maths becomes MathML, as on every other page;
+  given (the test suite passes the ones it ran in JupyterLab); with ``--execute``, the
+  committed ones run first in a temporary folder (nbclient, one kernel per notebook; minutes
+  on 2 cores, since they load the real models); else the committed ones, which have no
+  outputs. Their TeX maths becomes MathML, as on every other page;
 - ``benchmarks/RESULTS.md`` is added as ``results/benchmarks.md``;
 - ``mkdocs build --strict`` runs on a copy of ``mkdocs.yml`` pointing at that folder, so a
   broken link, a missing docstring reference or a bad cross-reference fails the build.
@@ -19,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +56,38 @@ def prepare(notebooks: Path | None, work: Path, source: Path = ROOT) -> Path:
     return target
 
 
+def execute(
+    out: Path,
+    source: Path = ROOT / "notebooks",
+    timeout: int = 1800,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Run every notebook in ``source`` with nbclient and write the executed copies to ``out``.
+
+    Raises:
+        RuntimeError: a notebook failed, naming it and the cell's error.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.ipynb")):
+        start = time.monotonic()
+        nb = nbformat.read(path, as_version=4)
+        client = NotebookClient(
+            nb, timeout=timeout, kernel_name="python3",
+            resources={"metadata": {"path": str(path.parent)}},
+        )  # fmt: skip
+        try:
+            client.execute()
+        except CellExecutionError as err:
+            raise RuntimeError(f"{path.name} failed: {str(err).strip()[-1500:]}") from None
+        nbformat.write(nb, out / path.name)
+        say(f"executed {path.name} in {time.monotonic() - start:.0f} s")
+    return out
+
+
 def build(
     site: Path,
     notebooks: Path | None = None,
@@ -79,10 +114,20 @@ def build(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--notebooks", type=Path, help="executed notebooks to render")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--notebooks", type=Path, help="executed notebooks to render")
+    which.add_argument(
+        "--execute", action="store_true", help="run the notebooks first, so pages have outputs"
+    )
     parser.add_argument("--site", type=Path, default=ROOT / "site")
     args = parser.parse_args()
-    done = build(args.site.resolve(), args.notebooks)
+    with tempfile.TemporaryDirectory(prefix="residkit-executed-") as tmp:
+        try:
+            notebooks = execute(Path(tmp)) if args.execute else args.notebooks
+        except RuntimeError as err:
+            print(f"docs/build.py: {err}", file=sys.stderr)
+            return 1
+        done = build(args.site.resolve(), notebooks)
     sys.stdout.write(done.stdout)
     sys.stderr.write(done.stderr)
     if done.returncode == 0:

@@ -222,3 +222,29 @@ def test_reproduction_page_is_written_by_the_command_from_its_results() -> None:
     assert first is not None
     edited = text[: first.start()] + "9" + text[first.start() + 1 :]
     assert edited != rerender(page)
+
+
+def test_execute_runs_notebooks_and_names_a_failing_one(tmp_path: Path) -> None:
+    import json
+
+    def notebook(*sources: str) -> str:
+        cells = [
+            {"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {},
+             "outputs": [], "source": [s]}
+            for i, s in enumerate(sources)
+        ]  # fmt: skip
+        meta = {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"}}
+        return json.dumps({"cells": cells, "metadata": meta, "nbformat": 4, "nbformat_minor": 5})
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir(), bad.mkdir()
+    (good / "a.ipynb").write_text(notebook("x = 6 * 7", "print(x)"))
+    said: list[str] = []
+    out = docs_build.execute(tmp_path / "out", good, timeout=120, say=said.append)
+    ran = json.loads((out / "a.ipynb").read_text())["cells"][1]["outputs"]
+    assert ran[0]["text"] == ["42\n"] and said[0].startswith("executed a.ipynb in ")
+    # Control: an error is named with its notebook, not written as if it ran.
+    (bad / "b.ipynb").write_text(notebook("1 / 0"))
+    with pytest.raises(RuntimeError, match=r"b\.ipynb failed: (.|\n)*ZeroDivisionError"):
+        docs_build.execute(tmp_path / "out2", bad, timeout=120, say=said.append)
+    assert not (tmp_path / "out2" / "b.ipynb").exists()
