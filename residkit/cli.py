@@ -248,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         help="leave a claim out, with a row saying why (repeatable)",
     )
     args = parser.parse_args(argv)
+    from residkit._names import offline_miss
+
+    named = [args.model] if args.command == "verify" else (getattr(args, "model", None) or [])
+    for name in named:  # before torch and transformers load: a misspelt name fails at once
+        miss = offline_miss(name)
+        if miss is not None:
+            return _fail(args.command, miss)
     import torch
 
     from residkit.threads import auto_threads

@@ -21,6 +21,7 @@ import torch
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit._bridge import set_tokenizer
+from residkit._names import hint, offline
 from residkit._validate import flag
 from residkit.architectures import spec_for
 
@@ -40,15 +41,6 @@ class ModelNotFoundError(OSError):
         ...     print(type(err).__name__, "no-such-org/no-such-model" in str(err))
         ModelNotFoundError True
     """
-
-
-def _hint(name: str) -> str:
-    return (
-        f"How to fix: pass a local checkpoint folder (residkit.load('/path/to/{name.split('/')[-1]}')), "
-        f"download it once where there is network (huggingface-cli download {name}) so the HF "
-        "cache has it, or build an offline stand-in with residkit.zoo.build(...). "
-        "Set HF_HUB_OFFLINE=1 to never touch the network."
-    )
 
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -147,18 +139,18 @@ def _probe_hub(name: str) -> None:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if offline():
         raise ModelNotFoundError(
-            f"model {name!r} is not in the local HF cache and HF_HUB_OFFLINE is set. {_hint(name)}"
+            f"model {name!r} is not in the local HF cache and HF_HUB_OFFLINE is set. {hint(name)}"
         )
     try:
         info = HfApi().model_info(name, timeout=_PROBE_TIMEOUT_S, files_metadata=False)
     except RepositoryNotFoundError as err:
-        raise ModelNotFoundError(f"no model {name!r} on the hub. {_hint(name)}") from err
+        raise ModelNotFoundError(f"no model {name!r} on the hub. {hint(name)}") from err
     except Exception as err:  # connection refused, DNS failure, timeout: all mean "no network"
         raise ModelNotFoundError(
             f"model {name!r} is not in the local HF cache and the hub cannot be reached "
-            f"({type(err).__name__}). {_hint(name)}"
+            f"({type(err).__name__}). {hint(name)}"
         ) from err
     files = [s.rfilename for s in (info.siblings or [])]
     if files and not any(f.endswith(".safetensors") for f in files):

@@ -1,6 +1,7 @@
 """The command line: verify's JSON and exit codes; bad model names get one line and exit 2."""
 
 import json
+import os
 
 from residkit import cli, zoo
 
@@ -81,3 +82,31 @@ def test_a_report_path_that_is_a_directory_fails_before_any_work(tmp_path, capsy
     assert time.perf_counter() - start < 5  # refused before any model loads
     err = capsys.readouterr().err
     assert err.count("is a directory; give a file name") == 2
+
+
+def test_a_misspelt_model_is_refused_before_torch_loads() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from residkit.cli import main; rc = main({argv!r}); "
+        "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(argv: list[str]) -> str:
+        done = subprocess.run([sys.executable, "-c", code.format(argv=argv)], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        return done.stdout.strip().splitlines()[-1]
+
+    assert run(["verify", "--model", "no-such/model"]) == "2 False False"
+    assert run(["reproduce", "--model", "zoo:llama", "--model", "nope"]) == "2 False False"
+    # Control: a name that may load goes on to torch (here failing later, on its section).
+    assert run(["verify", "--model", "zoo:llama", "--section", "bogus"]) == "2 True True"
+
+
+def test_the_light_list_of_zoo_families_is_the_zoo_s() -> None:
+    from residkit import zoo
+    from residkit._names import ZOO_FAMILIES
+
+    assert sorted(ZOO_FAMILIES) == sorted(set(zoo.ARCHITECTURES) | set(zoo.VARIANTS))
