@@ -83,3 +83,23 @@ def test_a_list_of_prompts_is_left_padded_with_its_mask() -> None:
     ids = model.to_tokens([short, long])
     unmasked = residkit.capture_residuals(model, ids)
     assert (unmasked[-1, 0, -n:] - alone[-1, 0]).abs().max().item() > 100 * ROW_VS_ALONE
+
+
+def test_residual_norm_figure_is_not_saturated_by_one_large_token() -> None:
+    import numpy as np
+
+    from residkit.viz import residual_norm_figure
+
+    resid = torch.ones(3, 1, 5, 8)
+    resid[:, 0, 0] *= 300.0  # a first token with a norm ~300x the others', as BOS often has
+    resid[:, 0, 1:] *= torch.linspace(1.0, 4.0, 4).reshape(1, 4, 1)  # the rest spread 1-4x
+
+    def share(fig) -> float:
+        """The colour range the positions after the first one span, as a share of the whole."""
+        z = np.asarray(fig.data[0].z)
+        return float((z[:, 1:].max() - z[:, 1:].min()) / (z.max() - z.min()))
+
+    log, linear = residual_norm_figure(resid), residual_norm_figure(resid, scale="linear")
+    assert share(log) > 0.2  # the spread among the others is visible
+    assert share(linear) < 0.02  # control: on a linear scale they are one colour
+    assert np.allclose(np.asarray(log.data[0].customdata), resid[:, 0].norm(dim=-1).numpy())

@@ -175,7 +175,7 @@ def test_report_is_self_contained_with_every_figure(run) -> None:
     assert not re.findall(r"<(?:script|link|img)[^>]+(?:src|href)=", html)
     assert html.count("<script") - html.count("Plotly.newPlot") <= 2  # plotly.js once
     for claim in CLAIMS:
-        assert f"{claim}: " in html
+        assert f"{claim}. The paper: " in html
 
 
 def test_a_second_run_resumes_from_the_cache(run) -> None:
@@ -267,7 +267,7 @@ def test_markdown_page_has_every_claim_and_row(run, tmp_path: Path) -> None:
     text = page.read_text()
     assert "residkit reproduce --quick" in text
     for claim in CLAIMS:
-        assert f"## {claim}: " in text
+        assert f"## {claim}. The paper: " in text
     assert text.count("| reproduced |") == (result.table["verdict"] == "reproduced").sum()
     assert "D_KL(source \\|\\| patched)" in text  # pipes escaped inside table cells
     assert "residkit commit" in text and ":mod:" not in text and ":class:" not in text

@@ -165,7 +165,7 @@ class Reproduction:
         for result in self.results:
             out.append(
                 report.Section(
-                    f"{result.claim}: {result.title}",
+                    f"{result.claim}. The paper: {result.title}",
                     f"{describe(result.claim)} Measured in {result.seconds:.0f} s.",
                     result.table,
                     [result.figure(index=i) for i in range(len(result.figures))],

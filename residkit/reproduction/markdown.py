@@ -101,7 +101,7 @@ def render(result: Reproduction, *, command: str, figures: list[str], note: str 
     for claim in result.results:
         at = f" at commit `{claim.commit}`" if claim.commit else ""
         lines += [
-            f"## {claim.claim}: {claim.title}",
+            f"## {claim.claim}. The paper: {claim.title}",
             "",
             f"{describe(claim.claim)} Measured in {claim.seconds:.0f} s{at}.",
             "",
