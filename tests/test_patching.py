@@ -254,3 +254,23 @@ def test_import_and_cli_help_load_no_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "residkit 0.1.0" in done.stdout and "usage: residkit" in done.stdout
+
+
+@pytest.mark.parametrize("hook", ["resid_pre", "z"])
+@pytest.mark.parametrize("reuse", [True, False])
+def test_metric_positions_unembed_only_where_the_metric_reads(hook, reuse, llama_pair) -> None:
+    model, clean, corrupted, clean_cache = llama_pair
+    ref = TL[hook](model, corrupted, clean_cache, _metric).cpu()
+    kw = {"hook": hook, "reuse_prefix": reuse, "progress": False}
+    last = patching_sweep(model, clean, corrupted, _metric, metric_positions=[-1], **kw)
+    assert (last.values - ref).abs().max().item() <= TOLERANCE * ref.abs().max().item()
+    # Control: a metric reading a position it did not name gets NaN, never a number.
+    first = patching_sweep(
+        model, clean, corrupted, lambda lg: lg[0, 1, 100], metric_positions=[-1], **kw
+    )
+    if reuse:  # runs patched after position 1 take it from the corrupted run; it is not there
+        assert torch.isnan(first.values[:, 2:]).all()
+    else:
+        assert torch.isnan(first.values).all()
+    with raises_naming("metric_positions", [99]):
+        patching_sweep(model, clean, corrupted, _metric, metric_positions=[99], **kw)

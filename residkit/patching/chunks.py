@@ -98,6 +98,7 @@ class Runs:
     hook: str
     prefixes: dict[int, Any]  # start position -> the corrupted run's cache of that many tokens
     ragged_head: bool  # unembed only at each run's positions from its patch on
+    metric_positions: tuple[int, ...] | None = None  # unembed only there (others: NaN)
 
 
 def _flops_per_position(model: TransformerBridge, n_pos: int) -> tuple[float, float]:
@@ -111,10 +112,11 @@ def _flops_per_position(model: TransformerBridge, n_pos: int) -> tuple[float, fl
     return float(qkvo + mlp + scores), float(2 * d * cfg.d_vocab)
 
 
-def default_rows(model: TransformerBridge, n_tokens: int) -> int:
-    """Runs per forward of ``n_tokens`` positions: logits and widest activations near 384 MiB."""
+def default_rows(model: TransformerBridge, n_tokens: int, logits: bool = True) -> int:
+    """Runs per forward of ``n_tokens`` positions: logits (unless only a few positions are
+    unembedded) and widest activations near 384 MiB."""
     cfg = model.cfg
-    width = cfg.d_vocab + 4 * max(cfg.d_model, getattr(cfg, "d_mlp", None) or cfg.d_model)
+    width = cfg.d_vocab * logits + 4 * max(cfg.d_model, getattr(cfg, "d_mlp", None) or cfg.d_model)
     return max(1, min(_MAX_ROWS, _BATCH_BYTES // (n_tokens * width * 4)))
 
 
@@ -137,15 +139,25 @@ def plan(
     *,
     batch_size: int | None,
     reuse_prefix: bool,
+    metric_positions: tuple[int, ...] | None = None,
 ) -> list[Chunk]:
     """The chunks of a sweep over every layer, ``positions`` and ``heads`` (see module docs).
 
     ``batch_size`` bounds the runs in any chunk; None picks a bound from the model size and
-    each chunk's positions (:func:`default_rows`).
+    each chunk's positions (:func:`default_rows`). With ``metric_positions`` only those
+    positions are unembedded, which the cost model and the bound count.
     """
     n = model.cfg.n_layers
+    mp = metric_positions
+
+    def unembedded(p: int) -> int:
+        return n_pos - p if mp is None else sum(q >= p for q in mp)
+
+    def default(tokens: int) -> int:
+        return default_rows(model, tokens, logits=mp is None)
+
     if not reuse_prefix:
-        cap = batch_size or min(default_rows(model, n_pos), len(positions) * len(heads))
+        cap = batch_size or min(default(n_pos), len(positions) * len(heads))
         cells = [(j, p, h) for j, p in enumerate(positions) for h in heads]
         per_layer = _equal_parts(cells, -(-len(cells) // cap))
         return [
@@ -156,7 +168,7 @@ def plan(
     f_block, f_head = _flops_per_position(model, n_pos)
 
     def cap_for(start: int) -> int:
-        return batch_size or default_rows(model, n_pos - start)
+        return batch_size or default(n_pos - start)
 
     # A unit is one position's runs in one layer (its heads, cut to fit the bound).
     units: list[tuple[int, int, list[int | None]]] = []
@@ -168,7 +180,7 @@ def plan(
         start = min(p for _, p, _ in group)
         tokens = n_pos - start
         rows = sum(len(hs) for _, _, hs in group)
-        kept = sum((n_pos - p) * len(hs) for _, p, hs in group)
+        kept = sum(unembedded(p) * len(hs) for _, p, hs in group)
         best: tuple[float, int] | None = None
         for width in range(1, min(n, cap_for(start) // rows) + 1):
             cost = 0.0
@@ -260,24 +272,43 @@ def run_chunk(model: TransformerBridge, chunk: Chunk, runs: Runs) -> Iterator[Te
             for layer in layers
         ]
     tokens = runs.tokens[:, start:].expand(rows, -1)
-    span = tokens.shape[1]
-    if runs.ragged_head:
-        keep = torch.cat(
-            [torch.arange(r * span + c.pos - start, (r + 1) * span) for r, c in enumerate(cells)]
+    span, n_pos = tokens.shape[1], runs.tokens.shape[1]
+    wanted = runs.metric_positions
+    # Positions each run unembeds itself; the rest are the corrupted run's (before its patch,
+    # where the model is causal) or NaN (outside metric_positions: the metric must not read them).
+    own = [
+        [
+            q
+            for q in (range(n_pos) if wanted is None else wanted)
+            if q >= (c.pos if runs.ragged_head else 0)
+        ]
+        for c in cells
+    ]
+    ragged = runs.ragged_head or wanted is not None
+    head: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if ragged:
+        keep = torch.tensor(
+            [r * span + q - start for r, qs in enumerate(own) for q in qs], dtype=torch.long
         )
-        head: contextlib.AbstractContextManager[None] = head_at(model, keep.to(tokens.device))
-    else:
-        head = contextlib.nullcontext()
+        head = head_at(model, keep.to(tokens.device))
     with skipped_blocks(model, low), temporary_hooks(model, hooks), head:
         if start:
             logits = cached_forward(model, tokens, repeated_cache(runs.prefixes[start], rows))
         else:
             logits = model(tokens)
-    if not runs.ragged_head:
+    if not ragged:
         yield from (logits[r : r + 1] for r in range(rows))
         return
     offset = 0
-    for c in cells:
-        mine = logits[:, offset : offset + runs.tokens.shape[1] - c.pos]
-        offset += mine.shape[1]
-        yield torch.cat([runs.corrupt_logits[:, : c.pos], mine], dim=1) if c.pos else mine
+    for c, qs in zip(cells, own, strict=True):
+        mine = logits[:, offset : offset + len(qs)]
+        offset += len(qs)
+        if wanted is None and runs.ragged_head:
+            yield torch.cat([runs.corrupt_logits[:, : c.pos], mine], dim=1) if c.pos else mine
+            continue
+        full = torch.full((1, n_pos, logits.shape[-1]), float("nan"), dtype=logits.dtype)
+        full = full.to(logits.device)
+        before = [q for q in wanted or () if q not in qs]
+        full[:, before] = runs.corrupt_logits[:, before].to(logits.dtype)
+        full[:, qs] = mine
+        yield full

@@ -123,6 +123,7 @@ def patching_sweep(
     positions: Sequence[int] | None = None,
     batch_size: int | None = None,
     reuse_prefix: bool = True,
+    metric_positions: Sequence[int] | None = None,
     progress: bool = True,
 ) -> PatchingSweep:
     """Activation patching, clean -> corrupted, at every layer and position (and head).
@@ -148,6 +149,10 @@ def patching_sweep(
             corrupted run's cache there, and unembed each run only from its patch on (the
             positions before a patch are the corrupted run's: the model is causal). False
             runs every position of every run from its patched layer, as TransformerLens does.
+        metric_positions: The positions ``metric`` reads (negative ones count from the end;
+            ``[-1]`` for a metric on the last token's logits). The unembedding then runs only
+            there, and the logits ``metric`` gets hold NaN everywhere else, so a metric reading
+            another position gives NaN rather than a wrong number. Default: every position.
         progress: Show a tqdm bar over forwards.
 
     Returns:
@@ -179,8 +184,18 @@ def patching_sweep(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(reuse_prefix, bool):
         raise TypeError(f"reuse_prefix must be True or False, got {reuse_prefix!r}")
+    wanted = None
+    if metric_positions is not None:
+        asked = check_positions("metric_positions", metric_positions)
+        wanted = tuple(sorted({q % n_pos for q in asked if -n_pos <= q < n_pos}))
+        if not asked or len(wanted) != len(set(asked)):
+            raise ValueError(
+                f"metric_positions {list(asked)} invalid for a prompt of {n_pos} tokens "
+                f"(use {-n_pos}..{n_pos - 1}, each position once)"
+            )
     heads: list[int | None] = list(range(model.cfg.n_heads)) if hook == "z" else [None]
-    chunks = plan(model, n_pos, pos_list, heads, batch_size=batch_size, reuse_prefix=reuse_prefix)
+    chunks = plan(model, n_pos, pos_list, heads, batch_size=batch_size, reuse_prefix=reuse_prefix,
+                  metric_positions=wanted)  # fmt: skip
     resid, corrupt_logits = capture_with_logits(model, corrupt_t, list(range(n)))
     points = [spec.patch_hook(hook, layer) for layer in range(n)]
     clean_acts = (
@@ -197,6 +212,7 @@ def patching_sweep(
         hook=hook,
         prefixes=prefix_caches(model, corrupt_t, starts),
         ragged_head=reuse_prefix,
+        metric_positions=wanted,
     )
     shape = (n, len(pos_list), len(heads)) if hook == "z" else (n, len(pos_list))
     values = torch.zeros(shape, dtype=torch.float32)
