@@ -39,6 +39,9 @@ _EXPORTS: dict[str, str] = {
     "cross_task_suite": "residkit.markov",
     "markov_test": "residkit.markov",
     "PatchingSweep": "residkit.patching",
+    "SweepComparison": "residkit.patching",
+    "attribution_sweep": "residkit.patching",
+    "compare_sweeps": "residkit.patching",
     "patch_residual": "residkit.patching",
     "patching_sweep": "residkit.patching",
     "CachePolicy": "residkit.policies",
@@ -80,7 +83,14 @@ if TYPE_CHECKING:
     from residkit.generation import Chat, Generation, Generations, generate, generate_kvdirect
     from residkit.loading import ModelNotFoundError, load
     from residkit.markov import CrossTaskReport, MarkovReport, cross_task_suite, markov_test
-    from residkit.patching import PatchingSweep, patch_residual, patching_sweep
+    from residkit.patching import (
+        PatchingSweep,
+        SweepComparison,
+        attribution_sweep,
+        compare_sweeps,
+        patch_residual,
+        patching_sweep,
+    )
     from residkit.policies import (
         H2O,
         TOVA,
@@ -119,10 +129,13 @@ __all__ = [
     "QKSpectra",
     "SnapKV",
     "StreamingLLM",
+    "SweepComparison",
     "UnsupportedArchitectureError",
     "Window",
+    "attribution_sweep",
     "capture_residuals",
     "compare_policies",
+    "compare_sweeps",
     "cross_task_suite",
     "generate",
     "generate_kvdirect",

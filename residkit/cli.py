@@ -70,6 +70,20 @@ def _fail(command: str, message: object) -> int:
     return 2
 
 
+def _summary(value: object) -> str:
+    """A provenance entry on one line: short dicts as ``key value`` pairs; per-tensor and
+    per-file records (hundreds of entries) counted, not dumped."""
+    if not isinstance(value, dict):
+        return str(value)
+    if len(value) <= 8 and not any(isinstance(v, dict) for v in value.values()):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    kinds: dict[str, int] = {}
+    for item in value.values():
+        kind = "files" if isinstance(item, dict) else str(item)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+
+
 def _verify(args: argparse.Namespace) -> int:
     import residkit
     from residkit.checks import SECTIONS, verify
@@ -128,13 +142,7 @@ def _verify(args: argparse.Namespace) -> int:
 
         meta = {"model": args.model, "loaded from": str(target)}
         for key, value in (provenance(model) or {}).items():
-            if isinstance(value, dict):  # per-tensor and per-file records: counted, not dumped
-                kinds: dict[str, int] = {}
-                for item in value.values():
-                    kind = str(item) if not isinstance(item, dict) else "file"
-                    kinds[kind] = kinds.get(kind, 0) + 1
-                value = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-            meta[key] = str(value)
+            meta[key] = _summary(value)
         path = report.write_html(args.report, meta)
         print(f"report: {path}", file=sys.stderr if args.json else sys.stdout)
     if args.out is not None and not args.no_figures:

@@ -110,3 +110,13 @@ def test_the_light_list_of_zoo_families_is_the_zoo_s() -> None:
     from residkit._names import ZOO_FAMILIES
 
     assert sorted(ZOO_FAMILIES) == sorted(set(zoo.ARCHITECTURES) | set(zoo.VARIANTS))
+
+
+def test_report_provenance_lines_are_short_and_read_as_words() -> None:
+    from residkit.cli import _summary
+
+    assert _summary({"residkit": "0.1.0", "torch": "2.13.0"}) == "residkit 0.1.0, torch 2.13.0"
+    per_tensor = {f"w{i}": "Q4_1" for i in range(200)} | {"norm": "F32"}
+    assert _summary(per_tensor) == "1 F32, 200 Q4_1"  # counted, not 201 entries
+    assert _summary({"a.safetensors": {"sha256": "x"}, "b.json": {"sha256": "y"}}) == "2 files"
+    assert _summary(3.5) == "3.5"

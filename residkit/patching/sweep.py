@@ -57,6 +57,10 @@ class PatchingSweep:
         block_positions: The blocks' work in token positions: each row's blocks times the
             positions its forward runs (TransformerLens: ``n_layers * pos`` per cell).
         reuse_prefix: Whether forwards started at their first patched position.
+        method: ``"exact"`` (patched runs), or ``"attribution"`` / ``"attribution*"`` for the
+            first-order estimates of :func:`~residkit.patching.attribution.attribution_sweep`.
+        baseline: ``metric`` of the corrupted run itself (what a patch that changes nothing
+            gives); a cell's effect is its value minus this.
 
     Examples:
         >>> import residkit
@@ -86,6 +90,13 @@ class PatchingSweep:
     block_runs: int
     block_positions: int
     reuse_prefix: bool
+    method: str = "exact"
+    baseline: float = float("nan")
+
+    @property
+    def effects(self) -> Float[Tensor, "layer pos"] | Float[Tensor, "layer pos head"]:
+        """Each cell's value minus :attr:`baseline`: what the patch changed."""
+        return self.values - self.baseline
 
     @property
     def table(self) -> pd.DataFrame:
@@ -239,6 +250,7 @@ def patching_sweep(
             (n - c.start_layer) * len(c.cells) * (n_pos - c.start_pos) for c in chunks
         ),
         reuse_prefix=reuse_prefix,
+        baseline=float(metric(corrupt_logits)),
     )
 
 
