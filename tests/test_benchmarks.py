@@ -132,3 +132,12 @@ def test_threads_benchmark_runs() -> None:
 def test_token_memory_benchmark_runs() -> None:
     out = _run("token_memory.py", "--tiny", "--tokens", "200", "--chunk", "32", "--budget", "8")
     assert "logits bitwise equal: True" in out and "| KV-Direct, token checkpoints |" in out
+
+
+def test_attribution_benchmark_runs() -> None:
+    # Exit code 1 means a ratio under its target: those are set for SmolLM2 at 128 tokens.
+    out = _run(
+        "attribution.py", *("--model", "zoo:llama", "--tokens", "8", "--hooks", "resid_pre", "z"),
+        codes=(0, 1),
+    )  # fmt: skip
+    assert "| resid_pre |" in out and "| z |" in out and "| False |" not in out

@@ -144,6 +144,13 @@ def _drive_patching_explorer(panel) -> None:
     assert status2 != status1, "clicking a cell did not select its patched run"
     assert app.locator("table.residkit-topk tbody tr").count() >= 3
     app.screenshot(path=str(SHOTS / "01_patching_explorer.png"))
+    z_exact = _z(heatmap)
+    app.locator(".widget-toggle-button", has_text="error").click()
+    assert _poll(lambda: _z(heatmap), z_exact, 120) != z_exact, (
+        "the error view kept the exact heatmap"
+    )
+    assert "spearman" in _title(heatmap)
+    app.screenshot(path=str(SHOTS / "01_patching_explorer_error.png"))
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))

@@ -35,6 +35,29 @@ def test_patching_explorer_follows_its_controls(model_for, no_leaked_hooks) -> N
     assert repr(top).replace("'", "&#x27;") in app.table.value or repr(top) in app.table.value
 
 
+def test_patching_explorer_shows_the_estimate_and_its_error(model_for, no_leaked_hooks) -> None:
+    import numpy as np
+
+    from residkit.patching import attribution_sweep
+
+    model = model_for("llama")
+    with no_leaked_hooks(model):
+        app = patching_explorer(model, "The cat sat", "The dog sat", answer=5, wrong=6)
+        exact_z = np.array(app.heatmap.data[0].z, dtype=float)
+        app.view_picker.value = "estimate"
+        est = attribution_sweep(
+            model, "The cat sat", "The dog sat", lambda x: x[0, -1, 5] - x[0, -1, 6]
+        )
+        assert np.allclose(np.array(app.heatmap.data[0].z, dtype=float), est.values.numpy())
+        assert "estimate" in app.status.value
+        app.view_picker.value = "error"
+        error_z = np.array(app.heatmap.data[0].z, dtype=float)
+        assert np.allclose(error_z, est.values.numpy() - exact_z, atol=1e-5)
+        assert "spearman" in app.heatmap.layout.title.text
+        app.view_picker.value = "exact"  # control: back to the exact values
+        assert np.allclose(np.array(app.heatmap.data[0].z, dtype=float), exact_z)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -3,6 +3,7 @@ top next tokens on click."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
 from typing import Any
 
@@ -13,10 +14,16 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from residkit.capture import Inputs, to_tokens
-from residkit.patching import PatchingSweep, patched_logits, patching_sweep
+from residkit.patching import (
+    PatchingSweep,
+    attribution_sweep,
+    compare_sweeps,
+    patched_logits,
+    patching_sweep,
+)
 from residkit.widgets._sync import sync
 
-__all__ = ["EXPLORER_HOOKS", "METRICS", "PatchingExplorer", "patching_explorer"]
+__all__ = ["EXPLORER_HOOKS", "METRICS", "VIEWS", "PatchingExplorer", "patching_explorer"]
 
 EXPLORER_HOOKS = ("resid_pre", "attn_out", "mlp_out")
 """The hook points the explorer's dropdown offers."""
@@ -26,6 +33,10 @@ METRICS = {
     "kl": "KL(clean || patched), last position",
 }
 """Metric key -> label in the metric dropdown."""
+
+VIEWS = ("exact", "estimate", "error")
+"""What the heatmap shows: the exact sweep, the attribution-patching estimate
+(:func:`~residkit.patching.attribution_sweep`), or the estimate's error (estimate - exact)."""
 
 
 class PatchingExplorer(widgets.VBox):
@@ -39,11 +50,13 @@ class PatchingExplorer(widgets.VBox):
         answer, wrong: Token ids whose logit difference is the first metric.
         hook_picker: ``Dropdown`` of :data:`EXPLORER_HOOKS`.
         metric_picker: ``Dropdown`` of :data:`METRICS`.
+        view_picker: ``ToggleButtons`` of :data:`VIEWS`.
         heatmap: ``FigureWidget`` of the current :class:`~residkit.patching.PatchingSweep`;
             clicking a cell selects that (layer, position).
         table: ``HTML``: the top-k next tokens of the selected patched run, beside the clean
             and corrupted runs'.
         sweeps: ``(hook, metric) -> PatchingSweep`` computed so far.
+        estimates: ``(hook, metric) -> PatchingSweep`` attribution estimates computed so far.
     """
 
     def __init__(
@@ -64,6 +77,8 @@ class PatchingExplorer(widgets.VBox):
             self._corrupt_logits = model(corrupted)
         self._clean_logp = torch.log_softmax(self._clean_logits[0, -1].double(), dim=-1)
         self.sweeps: dict[tuple[str, str], PatchingSweep] = {}
+        self.estimates: dict[tuple[str, str], PatchingSweep] = {}
+        self.view_picker = widgets.ToggleButtons(options=list(VIEWS), description="show")
         self.hook_picker = widgets.Dropdown(options=list(EXPLORER_HOOKS), description="hook")
         self.metric_picker = widgets.Dropdown(
             options=[(label, key) for key, label in METRICS.items()], description="metric"
@@ -74,7 +89,8 @@ class PatchingExplorer(widgets.VBox):
         self.heatmap.data[0].on_click(self._on_click)
         self.hook_picker.observe(self._refresh, names="value")
         self.metric_picker.observe(self._refresh, names="value")
-        controls = widgets.HBox([self.hook_picker, self.metric_picker])
+        self.view_picker.observe(self._refresh, names="value")
+        controls = widgets.HBox([self.hook_picker, self.metric_picker, self.view_picker])
         super().__init__([controls, self.heatmap, self.status, self.table])
         self.select(model.cfg.n_layers - 1, clean.shape[1] - 1)
 
@@ -95,6 +111,17 @@ class PatchingExplorer(widgets.VBox):
             )
         return self.sweeps[key]
 
+    @property
+    def estimate(self) -> PatchingSweep:
+        """The attribution-patching estimate of :attr:`sweep` (run on first use)."""
+        key = (self.hook_picker.value, self.metric_picker.value)
+        if key not in self.estimates:
+            metric = self._logit_diff if key[1] == "logit_diff" else self._kl
+            self.estimates[key] = attribution_sweep(
+                self.model, self.clean, self.corrupted, metric, hook=key[0]
+            )
+        return self.estimates[key]
+
     def select(self, layer: int, pos: int) -> None:
         """Show the top-k next tokens of the run patched at ``(layer, pos)``."""
         hook = self.hook_picker.value
@@ -103,9 +130,13 @@ class PatchingExplorer(widgets.VBox):
         )
         value = float(self.sweep.values[layer, pos])
         token = self.sweep.str_tokens[pos]
+        estimated = ""
+        if self.view_picker.value != "exact":
+            guess = float(self.estimate.values[layer, pos])
+            estimated = f"; estimate {guess:.3f} (error {guess - value:+.3f})"
         self.status.value = (
             f"<b>{hook}</b> patched at layer {layer}, position {pos} ({html.escape(repr(token))}): "
-            f"{METRICS[self.metric_picker.value]} = <b>{value:.3f}</b>"
+            f"{METRICS[self.metric_picker.value]} = <b>{value:.3f}</b>{estimated}"
         )
         columns = [
             ("clean", self._clean_logits),
@@ -123,14 +154,25 @@ class PatchingExplorer(widgets.VBox):
         return (p * (self._clean_logp - log_q)).sum()
 
     def _figure(self) -> go.Figure:
-        sweep = self.sweep
+        sweep, view = self.sweep, self.view_picker.value
         answer, wrong = (self.model.to_string([t]) for t in (self.answer, self.wrong))
         label = (
             f"logit[{answer!r}] - logit[{wrong!r}]"
             if self.metric_picker.value == "logit_diff"
             else "KL(clean || patched)"
         )
-        return sweep.figure(title=f"patching {sweep.hook}: {label} (click a cell)")
+        if view == "exact":
+            return sweep.figure(title=f"patching {sweep.hook}: {label} (click a cell)")
+        est = self.estimate
+        if view == "estimate":
+            return est.figure(title=f"attribution estimate, {sweep.hook}: {label} (click a cell)")
+        s = compare_sweeps(sweep, est).summary
+        top = next(k for k in s if k.startswith("top_"))
+        error = dataclasses.replace(sweep, values=est.values - sweep.values, method="error")
+        return error.figure(
+            title=f"estimate - exact, {sweep.hook}: {label} (spearman {s['spearman']:.2f}, "
+            f"{top.replace('_', '-')} {s[top]:.0%}, {s['sign_flips']} sign flips)"
+        )
 
     def _refresh(self, change: Any = None) -> None:
         sync(self.heatmap, self._figure())
