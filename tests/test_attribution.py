@@ -142,3 +142,78 @@ def test_compare_sweeps_measures_agreement_and_catches_flips() -> None:
         compare_sweeps(exact, attribution_sweep(model, CLEAN, CORRUPT, _metric, hook="z"))
     with raises_naming("top_k", 0):
         compare_sweeps(exact, est, top_k=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_the_qk_fix_s_pattern_change_is_the_patched_run_s(family) -> None:
+    """The closed form of ``qk_fix`` against brute force: the patched run's pattern at the
+    block, read from the model with the clean query and key put in at position p."""
+    from residkit.patching.qk_fix import _exact_change, _heads, score_hooks
+
+    model = get_model(family)
+    layer, n_heads = 1, model.cfg.n_heads
+    q_name, k_name, s_name, a_name = score_hooks(model, layer)
+    clean_t, corrupt_t = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
+    _, clean = model.run_with_cache(clean_t, names_filter=[q_name, k_name])
+    _, corrupt = model.run_with_cache(corrupt_t, names_filter=[q_name, k_name, s_name, a_name])
+    grad = torch.randn(
+        corrupt[a_name][0].shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    h = lambda x: _heads(x[0].double(), n_heads)  # noqa: E731
+    formula = _exact_change(h(corrupt[q_name]), h(corrupt[k_name]), h(clean[q_name]),
+                            h(clean[k_name]), corrupt[s_name][0].double(),
+                            corrupt[a_name][0].double(), grad, layer)  # fmt: skip
+    brute = []
+    for p in range(corrupt_t.shape[1]):
+
+        def put(act, hook, name, p=p):
+            act = act.clone()
+            act[:, p] = clean[name][:, p]
+            return act
+
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [(q_name, lambda a, hook: put(a, hook, q_name)),
+                 (k_name, lambda a, hook: put(a, hook, k_name)),
+                 (a_name, lambda a, hook, seen=seen: seen.update(a=a.clone()))]  # fmt: skip
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            model(corrupt_t)
+        brute.append((grad * (seen["a"][0].double() - corrupt[a_name][0].double())).sum())
+    brute = torch.stack(brute)
+    assert brute.abs().max() > 1e-3  # the patches move the pattern
+    # float32 patterns from the model against the float64 closed form: 1e-5 of the largest.
+    assert torch.allclose(formula, brute, atol=1e-5 * brute.abs().max().item() + 1e-6)
+    assert not torch.allclose(formula[1:], brute[:-1], atol=1e-3 * brute.abs().max().item())
+
+
+def test_the_qk_fix_is_refused_off_the_residual_and_on_soft_capped_scores() -> None:
+    model = get_model("llama")
+    with pytest.raises(ValueError, match="resid_pre' only"):
+        attribution_sweep(model, CLEAN, CORRUPT, _metric, hook="attn_out", correction="qk")
+    est = attribution_sweep(model, CLEAN, CORRUPT, _metric, correction="qk")
+    assert est.method == "attribution*" and torch.isfinite(est.values).all()
+    with pytest.raises(ValueError, match=r"not scale \* q\.k"):
+        attribution_sweep(get_model("gemma2"), CLEAN, CORRUPT, _metric, correction="qk")
+
+
+def test_the_qk_fix_removes_exactly_the_query_and_key_paths_of_the_estimate() -> None:
+    """Its subtracted term against another route: the gradient with block l's query and key
+    detached, whose estimate lacks exactly those paths."""
+    from residkit.patching.attribution import _per_row
+    from residkit.patching.qk_fix import qk_terms, score_hooks
+
+    model = get_model("llama")
+    clean_t, corrupt_t = model.to_tokens(CLEAN), model.to_tokens(CORRUPT)
+    linear, _ = qk_terms(model, clean_t, corrupt_t, _metric, _per_row)
+    layer = 1
+    q_name, k_name, _, _ = score_hooks(model, layer)
+    _, grad, diff = _by_hand(model, "resid_pre", layer)
+    point = _point(model, "resid_pre", layer)
+    delta = torch.zeros_like(diff, requires_grad=True)
+    cut = [(point, lambda a, hook: a + delta), (q_name, lambda a, hook: a.detach()),
+           (k_name, lambda a, hook: a.detach())]  # fmt: skip
+    with torch.enable_grad(), model.hooks(fwd_hooks=cut):
+        (without,) = torch.autograd.grad(_metric(model(corrupt_t)).sum(), [delta])
+    expected = ((grad - without) * diff)[0].sum(-1)
+    assert expected.abs().max() > 1e-4  # the query and key paths carry some of the estimate
+    assert torch.allclose(linear[layer, 0], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(linear[layer + 1, 0], expected, rtol=1e-4, atol=1e-5)  # control

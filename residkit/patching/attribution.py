@@ -10,7 +10,8 @@ One clean forward gives every ``a_clean``, one corrupted forward and backward gi
 ``a_corrupted`` and gradient, so the whole sweep costs about three forwards, where the exact
 sweep (:func:`~residkit.patching.patching_sweep`) runs a forward per cell. The estimate is
 wrong where ``m`` is far from linear in the activation between the two runs: where attention
-saturates (softmax flat near 0 or 1) or a cell's effect is large (Kramár et al. 2024, "AtP*").
+saturates (softmax flat near 0 or 1) or a cell's effect is large (Kramár et al. 2024, "AtP*");
+``correction="qk"`` applies AtP*'s fix for the first (:mod:`residkit.patching.qk_fix`).
 :func:`~residkit.patching.compare.compare_sweeps` measures how wrong, cell by cell, against the
 exact sweep.
 """
@@ -34,8 +35,9 @@ from residkit.patching.sweep import HOOKS, PatchingSweep
 
 __all__ = ["CORRECTIONS", "attribution_sweep", "gradients_at"]
 
-CORRECTIONS: tuple[str, ...] = ("none",)
-"""Corrections of the first-order estimate; ``"none"``: plain attribution patching."""
+CORRECTIONS: tuple[str, ...] = ("none", "qk")
+"""``"none"``: plain attribution patching. ``"qk"``: AtP*'s exact attention-pattern change at
+the patched block (:mod:`residkit.patching.qk_fix`; ``hook="resid_pre"`` only)."""
 
 
 def _points(model: TransformerBridge, hook: str) -> list[str]:
@@ -119,15 +121,16 @@ def attribution_sweep(
         metric: Maps logits ``[batch, pos, vocab]`` to one value per pair (``[batch]``; a
             scalar for one pair). It must be differentiable: logits in, no ``.item()``.
         hook: ``"resid_pre"``, ``"resid_mid"``, ``"attn_out"``, ``"mlp_out"`` or ``"z"``.
-        correction: One of :data:`CORRECTIONS`.
+        correction: One of :data:`CORRECTIONS` (``"qk"`` with ``hook="resid_pre"`` only).
 
     Returns:
-        A :class:`~residkit.patching.PatchingSweep` with ``method="attribution"``, comparable
-        cell by cell with the exact sweep's.
+        A :class:`~residkit.patching.PatchingSweep` with ``method="attribution"`` (or
+        ``"attribution*"`` with the correction), comparable cell by cell with the exact sweep's.
 
     Raises:
         ValueError: prompts of other shapes, an unknown hook or correction, a metric that does
-            not give one value per pair.
+            not give one value per pair, ``"qk"`` on a family whose scores are not
+            ``scale * q . k`` of its hooks.
 
     Examples:
         >>> import residkit
@@ -139,6 +142,8 @@ def attribution_sweep(
     """
     choice("hook", hook, HOOKS)
     choice("correction", correction, CORRECTIONS)
+    if correction == "qk" and hook != "resid_pre":
+        raise ValueError(f"correction='qk' applies to hook='resid_pre' only, not hook={hook!r}")
     clean_t, corrupt_t = _pair(model, clean, corrupted)
     points = _points(model, hook)
     clean_acts: list[Tensor] = []
@@ -149,6 +154,11 @@ def attribution_sweep(
     diffs = [c.to(a.dtype) - a for c, a in zip(clean_acts, acts, strict=True)]
     # [batch, pos, d] -> [batch, pos]; z: [batch, pos, head, d_head] -> [batch, pos, head]
     per_cell = torch.stack([(d * g).float().sum(-1) for d, g in zip(diffs, grads, strict=True)])
+    if correction == "qk":
+        from residkit.patching.qk_fix import qk_terms
+
+        linear, exact = qk_terms(model, clean_t, corrupt_t, metric, _per_row)
+        per_cell = per_cell - linear + exact
     values: Float[Tensor, "layer batch ..."] = per_cell + base.float().reshape(
         1, -1, *([1] * (per_cell.ndim - 2))
     )
@@ -163,6 +173,6 @@ def attribution_sweep(
         block_runs=2 * n_layers * batch,
         block_positions=2 * n_layers * batch * n_pos,
         reuse_prefix=False,
-        method="attribution",
+        method="attribution*" if correction == "qk" else "attribution",
         baseline=float(base.float().mean()),
     )
