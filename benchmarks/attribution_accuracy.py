@@ -3,7 +3,8 @@
 For each model and each prompt pair (an indirect-object sentence, a factual recall, a sum),
 and each hook point, the exact sweep (``patching_sweep``, every layer and position, metric the
 logit difference of the clean answer over the corrupted one at the last position) beside the
-attribution estimate (``attribution_sweep``), compared with ``compare_sweeps``: rank
+attribution estimate (``attribution_sweep``; for ``resid_pre`` also with AtP*'s
+``correction="qk"``), compared with ``compare_sweeps``: rank
 correlation of the effects, top-10 overlap, sign flips among cells with at least 5% of the
 largest effect, and the largest error over the largest effect.
 
@@ -37,7 +38,10 @@ PAIRS = {
 
 
 def first_token(model, text: str) -> int:
-    return int(model.tokenizer.encode(text, add_special_tokens=False)[0])
+    """The answer's first token (past a space a byte-level tokenizer keeps apart)."""
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    blank = len(ids) > 1 and not model.tokenizer.decode(ids[:1]).strip()
+    return int(ids[1] if blank else ids[0])
 
 
 def measure(model, name: str, hooks: list[str]) -> list[dict]:
@@ -56,25 +60,31 @@ def measure(model, name: str, hooks: list[str]) -> list[dict]:
             exact = residkit.patching_sweep(
                 model, clean, corrupted, metric, hook=hook, metric_positions=[-1], progress=False
             )
-            est = residkit.attribution_sweep(model, clean, corrupted, metric, hook=hook)
-            s = residkit.compare_sweeps(exact, est).summary
-            rows.append(
-                {
-                    "model": name,
-                    "task": task,
-                    "hook": hook,
-                    "cells": s["cells"],
-                    "spearman": round(float(s["spearman"]), 3),
-                    "top-10 overlap": f"{float(s['top_10_overlap']):.0%}",
-                    "sign flips": s["sign_flips"],
-                    "max error / max effect": round(
-                        float(s["max_abs_error"]) / max(float(s["max_abs_effect"]), 1e-12), 2
-                    ),
-                    "metric clean / corrupted": f"{scores[0]:.2f} / {scores[1]:.2f}",
-                }
-            )
-            print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1), flush=True)
+            for correction in ("none", "qk") if hook == "resid_pre" else ("none",):
+                est = residkit.attribution_sweep(
+                    model, clean, corrupted, metric, hook=hook, correction=correction
+                )
+                rows.append(row(name, task, hook, est.method, exact, est, scores))
+                print(pd.DataFrame(rows[-1:]).to_string(index=False, header=len(rows) == 1))
     return rows
+
+
+def row(name, task, hook, method, exact, est, scores) -> dict:
+    s = residkit.compare_sweeps(exact, est).summary
+    return {
+        "model": name,
+        "task": task,
+        "hook": hook,
+        "estimate": method,
+        "cells": s["cells"],
+        "spearman": round(float(s["spearman"]), 3),
+        "top-10 overlap": f"{float(s['top_10_overlap']):.0%}",
+        "sign flips": s["sign_flips"],
+        "max error / max effect": round(
+            float(s["max_abs_error"]) / max(float(s["max_abs_effect"]), 1e-12), 2
+        ),
+        "metric clean / corrupted": f"{scores[0]:.2f} / {scores[1]:.2f}",
+    }
 
 
 def main() -> int:

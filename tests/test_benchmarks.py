@@ -141,3 +141,9 @@ def test_attribution_benchmark_runs() -> None:
         codes=(0, 1),
     )  # fmt: skip
     assert "| resid_pre |" in out and "| z |" in out and "| False |" not in out
+
+
+def test_attribution_accuracy_runs() -> None:
+    out = _run("attribution_accuracy.py", "--models", "zoo:llama", "--hooks", "resid_pre", "z")
+    assert out.count("| zoo:llama |") == 3 * 3  # three tasks: resid_pre twice (plain, qk), z
+    assert "attribution*" in out
