@@ -44,9 +44,10 @@ def first_token(model, text: str) -> int:
     return int(ids[1] if blank else ids[0])
 
 
-def measure(model, name: str, hooks: list[str]) -> list[dict]:
+def measure(model, name: str, hooks: list[str], tasks: list[str]) -> list[dict]:
     rows = []
-    for task, (clean, answer, corrupted, wrong) in PAIRS.items():
+    for task in tasks:
+        clean, answer, corrupted, wrong = PAIRS[task]
         a, b = first_token(model, answer), first_token(model, wrong)
         if a == b:
             raise ValueError(f"{name}: {answer!r} and {wrong!r} start with the same token")
@@ -91,6 +92,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"])
     parser.add_argument("--hooks", nargs="+", default=list(HOOKS), choices=HOOKS)
+    parser.add_argument("--tasks", nargs="+", default=list(PAIRS), choices=list(PAIRS))
     args = parser.parse_args()
     print(
         f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, "
@@ -98,7 +100,7 @@ def main() -> int:
     )
     rows = []
     for name in args.models:
-        rows += measure(residkit.load(name), name, args.hooks)
+        rows += measure(residkit.load(name), name, args.hooks, args.tasks)
     table = pd.DataFrame(rows)
     print("\n| " + " | ".join(table.columns) + " |")
     print("|" + "---|" * len(table.columns))

@@ -144,6 +144,8 @@ def test_attribution_benchmark_runs() -> None:
 
 
 def test_attribution_accuracy_runs() -> None:
-    out = _run("attribution_accuracy.py", "--models", "zoo:llama", "--hooks", "resid_pre", "z")
-    assert out.count("| zoo:llama |") == 3 * 3  # three tasks: resid_pre twice (plain, qk), z
+    # The zoo's byte-level tokenizer gives the other pairs different lengths.
+    out = _run("attribution_accuracy.py", *("--models", "zoo:llama", "--hooks", "resid_pre", "z"),
+               *("--tasks", "indirect object"))  # fmt: skip
+    assert out.count("| zoo:llama |") == 3  # resid_pre twice (plain, qk), z once
     assert "attribution*" in out
