@@ -18,6 +18,8 @@ hook point, in one process:
 - agreement: the largest |residkit - TL| over the cells TL ran, and over the largest |value|.
 
 Run: ``python benchmarks/patching.py [--tokens 32 128] [--hooks resid_pre ...]``.
+``python benchmarks/patching.py --attribution [...]`` runs ``benchmarks/attribution.py`` instead
+(attribution patching and ``metric_positions=[-1]`` against this sweep and TL, 128 tokens).
 The script exits 1 if resid_pre at 32 tokens is under 5x or any hook disagrees (with TL, or
 between the two plans) by more than the tolerance stated in ``docs/patching.md`` (1e-4 of the
 largest |value|).
@@ -99,6 +101,11 @@ def tl_sweep(hook, model, corrupted, clean_cache, metric, index_df=None) -> torc
 
 
 def main() -> int:
+    if "--attribution" in sys.argv:  # the same pair and sampling, another comparison
+        from attribution import main as attribution
+
+        sys.argv.remove("--attribution")
+        return attribution()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--tokens", type=int, nargs="+", default=[32, 128])

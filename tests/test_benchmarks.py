@@ -137,8 +137,8 @@ def test_token_memory_benchmark_runs() -> None:
 def test_attribution_benchmark_runs() -> None:
     # Exit code 1 means a ratio under its target: those are set for SmolLM2 at 128 tokens.
     out = _run(
-        "attribution.py", *("--model", "zoo:llama", "--tokens", "8", "--hooks", "resid_pre", "z"),
-        codes=(0, 1),
+        "patching.py", "--attribution",
+        *("--model", "zoo:llama", "--tokens", "8", "--hooks", "resid_pre", "z"), codes=(0, 1),
     )  # fmt: skip
     assert "| resid_pre |" in out and "| z |" in out and "| False |" not in out
 

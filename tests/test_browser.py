@@ -137,6 +137,8 @@ def _drive_patching_explorer(panel) -> None:
     hook.select_option(label="attn_out")
     assert _poll(lambda: _z(heatmap), z0, 120) != z0, "the hook dropdown did not change the heatmap"
     status1 = _poll(status.inner_text, status0)
+    # Cells run after the explorer scroll it away; a click at raw coordinates needs it in view.
+    heatmap.scroll_into_view_if_needed()
     box = heatmap.locator(".nsewdrag").first.bounding_box()
     assert box is not None
     heatmap.page.mouse.click(box["x"] + box["width"] * 0.15, box["y"] + box["height"] * 0.35)
