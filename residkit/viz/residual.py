@@ -29,7 +29,7 @@ def residual_norm_figure(
         str_tokens: Labels of the positions (default: their indices).
         title: The figure's title.
         scale: ``"log"`` (default) colours by log10 of the norm, with the colour bar in norms:
-            the first token's norm is often tens of times the others', and on a linear scale
+            the first token's norm is often tens of times the others' (up to 171x on SmolLM2), and on a linear scale
             it would take the whole colour range. ``"linear"`` colours by the norm itself.
 
     Examples:
