@@ -217,3 +217,28 @@ def test_the_qk_fix_removes_exactly_the_query_and_key_paths_of_the_estimate() ->
     assert expected.abs().max() > 1e-4  # the query and key paths carry some of the estimate
     assert torch.allclose(linear[layer, 0], expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(linear[layer + 1, 0], expected, rtol=1e-4, atol=1e-5)  # control
+
+
+def test_empty_prompts_unsupported_families_and_bf16(model_for, no_leaked_hooks) -> None:
+    """An empty prompt is refused by name; a family without architecture facts is refused
+    like the exact sweep; in bf16 the estimate is computed in the model's dtype and is close
+    to float32's (bf16 keeps 8 bits of mantissa: 2**-8 of the largest |value| per rounding,
+    over a forward and a backward of a 4-layer model; 0.1 is that with room, while a wrong
+    sign or position moves values by O(1) of it)."""
+    from residkit import architectures
+
+    model = model_for("llama")
+    with no_leaked_hooks(model), pytest.raises(ValueError, match="empty prompt"):
+        attribution_sweep(model, "", "", _metric)
+    f32 = attribution_sweep(model, "The cat sat", "The dog sat", _metric)
+    half = model_for("llama", dtype=torch.bfloat16)
+    with no_leaked_hooks(half):
+        b16 = attribution_sweep(half, "The cat sat", "The dog sat", _metric)
+    scale = f32.effects.abs().max().item()
+    assert scale > 0 and torch.isfinite(b16.values).all()
+    assert (b16.effects - f32.effects).abs().max().item() <= 0.1 * scale
+    assert not torch.allclose(-b16.effects, f32.effects, atol=0.1 * scale)  # control: the sign
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(architectures, "_BY_MODEL_TYPE", {})
+        with pytest.raises(architectures.UnsupportedArchitectureError):
+            attribution_sweep(model, "ab", "cd", _metric)

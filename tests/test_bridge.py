@@ -143,3 +143,14 @@ def test_cached_forward_leaves_no_shim(model_for, no_leaked_hooks) -> None:
     with no_leaked_hooks(model), torch.no_grad():
         _bridge.cached_forward(model, model.to_tokens("abc"), cache)
     assert cache.get_seq_length() == 4  # BOS + 3 bytes
+
+
+def test_positionwise_parts_off_the_path_are_caught(model_for, monkeypatch) -> None:
+    """A bridge whose decoder layers call the HF MLP and projections directly, so replacing
+    the components changes nothing: a sweep would silently compute every position."""
+    import contextlib
+
+    model = model_for("llama")
+    monkeypatch.setattr(contract, "positionwise_at", lambda *a, **k: contextlib.nullcontext())
+    message = str(broken(model, "positionwise-parts"))
+    assert "changed nothing" in message

@@ -221,8 +221,8 @@ def test_overrides_removed_when_a_batched_forward_fails(model_for, no_leaked_hoo
     failing = model.hooks(fwd_hooks=[("blocks.3.hook_resid_pre", fail_in_batches)])
     with no_leaked_hooks(model), pytest.raises(Boom), failing:
         patching_sweep(model, clean, corrupted, _metric, progress=False)
-    assert "forward" not in model.unembed.__dict__
-    assert all("forward" not in b.__dict__ for b in model.blocks)
+    # The head, the skipped blocks, the MLPs and projections run at some positions only.
+    assert not [name for name, m in model.named_modules() if "forward" in m.__dict__]
     assert torch.equal(
         patching_sweep(model, clean, corrupted, _metric, progress=False).values, before
     )

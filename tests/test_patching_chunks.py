@@ -8,6 +8,7 @@ import torch
 from transformer_lens import patching as tl_patching
 
 from residkit.patching import HOOKS, patching_sweep
+from residkit.patching import chunks as chunks_module
 from residkit.patching.chunks import plan
 from tests.conftest import get_real
 from tests.test_patching import TL, TOLERANCE
@@ -160,3 +161,52 @@ def test_transformer_lens_sees_the_same_prefix_logits(model_for) -> None:
         model, corrupted, cache, lambda logits: logits[0, at, 100]
     ).cpu()
     assert (ref[:, at + 1 :] == model(corrupted)[0, at, 100]).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt_neox", "olmo2"])
+@pytest.mark.parametrize("hook", ["resid_pre", "z"])
+def test_mlps_run_only_where_the_logits_depend_on_them(family, hook, model_for, monkeypatch):
+    """Batched forwards run each block's MLP only from each run's patch on (and at the last
+    block only where the metric reads): same values as TransformerLens within the batching
+    tolerance, on a post-MLP norm (gemma3, olmo2) and parallel attention and MLP (gpt_neox).
+    Control: an MLP that also skips the positions of the runs patched at its own block is
+    caught."""
+    model = model_for(family)
+    clean = model.to_tokens(LONG)
+    corrupted = model.to_tokens(OTHER)[:, : clean.shape[1]]
+    positions = [1, 6, 9, clean.shape[1] - 1]
+    ref = _transformer_lens(model, hook, clean, corrupted, positions)
+    scale = ref.abs().max().item()
+
+    def sweep():
+        return patching_sweep(
+            model, clean, corrupted, _metric, hook=hook, positions=positions,
+            metric_positions=[-1], progress=False,
+        )  # fmt: skip
+
+    ours = sweep()
+    assert (ours.values - ref).abs().max().item() <= TOLERANCE * scale
+    n, t = model.cfg.n_layers, clean.shape[1]
+    heads = model.cfg.n_heads if hook == "z" else 1
+    needed = heads * sum((n - 1 - layer) * (t - p) + 1 for layer in range(n) for p in positions)
+    assert ours.mlp_positions == needed < ours.block_positions
+
+    real = chunks_module._needed_positions
+
+    def too_few(cells, after_patch, low, n, head, device):
+        out = real(cells, after_patch, low, n, head, device)
+        rows, span = after_patch.shape
+        mine = {  # each block's own runs dropped, as if patched a block higher
+            r * span + q
+            for r, c in enumerate(cells)
+            if c.layer == low and low < n - 1
+            for q in range(span)
+        }
+        if low in out or mine:
+            everywhere = torch.arange(rows * span)
+            kept = out.get(low, everywhere)
+            out[low] = torch.tensor([i for i in kept.tolist() if i not in mine], dtype=torch.long)
+        return out
+
+    monkeypatch.setattr(chunks_module, "_needed_positions", too_few)
+    assert (sweep().values - ref).abs().max().item() > TOLERANCE * scale

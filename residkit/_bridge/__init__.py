@@ -52,6 +52,8 @@ from residkit._bridge.model import (
     n_kv_heads,
     native_norm,
     norms_folded,
+    positionwise_at,
+    positionwise_parts,
     set_tokenizer,
     skipped_blocks,
 )
@@ -94,6 +96,8 @@ __all__ = [
     "new_cache",
     "norms_folded",
     "point_names",
+    "positionwise_at",
+    "positionwise_parts",
     "repeated_cache",
     "replaced_forward",
     "replay_cache",

@@ -28,6 +28,9 @@ from residkit._bridge.model import (
     hf_config,
     linear,
     n_kv_heads,
+    part_module,
+    positionwise_at,
+    positionwise_parts,
     skipped_blocks,
 )
 from residkit.architectures import ArchSpec, spec_for
@@ -225,6 +228,33 @@ def _head_at_positions(model: TransformerBridge, spec: ArchSpec) -> None:
     )
 
 
+def _positionwise_parts(model: TransformerBridge, spec: ArchSpec) -> None:
+    tokens = _tokens(model, 4).repeat(2, 1)
+    tokens[1] = tokens[1].flip(0)
+    parts = positionwise_parts(model)
+    full = model(tokens)
+    n = model.cfg.n_layers
+    keep = torch.arange(8, device=tokens.device)
+    with positionwise_at(model, {layer: keep for layer in range(n)}, parts):
+        same = model(tokens)
+    left = [
+        p for layer in range(n) for p in parts if "forward" in part_module(model, layer, p).__dict__
+    ]
+    assert not left, f"the overrides of {left} were not removed"
+    # Every position kept: the parts' own GEMMs, on the same rows, so the same logits up to
+    # float32 rounding of another batch layout.
+    scale = full.abs().max().item()
+    assert torch.allclose(same, full, rtol=1e-5, atol=1e-5 * scale), (
+        f"{sorted(parts)} run through positionwise_at at every position gave other logits"
+    )
+    if parts:  # the control: a part left out at one position changes what follows it
+        with positionwise_at(model, {0: keep[keep != 5]}, parts):
+            other = model(tokens)
+        assert not torch.allclose(other[1, 1:], full[1, 1:]), (
+            f"{sorted(parts)} left out at one position changed nothing: they are not on the path"
+        )
+
+
 CONTRACT: tuple[Assumption, ...] = (
     Assumption(
         "hook-names",
@@ -271,6 +301,13 @@ CONTRACT: tuple[Assumption, ...] = (
         "residual [batch, pos, d_model], and what it returns is the forward's logits (after "
         "any soft-capping), whatever the positions",
         _head_at_positions,
+    ),
+    Assumption(
+        "positionwise-parts",
+        "a block's MLP (and, on the position-embeddings attention bridge, its query and output "
+        "projections) is called once per forward on [batch, pos, width] and can be replaced "
+        "per instance",
+        _positionwise_parts,
     ),
     Assumption(
         "pattern-hook-shape",

@@ -10,12 +10,13 @@ decoder layer returns a bare tensor, how the tokenizer is stored. Each is named 
 from __future__ import annotations
 
 import operator
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Collection, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components import PositionEmbeddingsAttentionBridge
 
 from residkit._bridge.hooks import replaced_forward
 
@@ -31,6 +32,9 @@ __all__ = [
     "n_kv_heads",
     "native_norm",
     "norms_folded",
+    "part_module",
+    "positionwise_at",
+    "positionwise_parts",
     "set_tokenizer",
     "skipped_blocks",
 ]
@@ -132,6 +136,67 @@ def head_at(model: TransformerBridge, keep: Tensor) -> Iterator[None]:
         return forward(unembed, x.reshape(-1, x.shape[-1])[keep].unsqueeze(0), *args, **kwargs)
 
     with replaced_forward([unembed], selected):
+        yield
+
+
+POSITIONWISE = ("mlp", "q", "o")
+"""Parts of a block that act on each position alone: the MLP, the query projection and the
+attention's output projection (what :func:`positionwise_at` can run at some positions only)."""
+
+
+def positionwise_parts(model: TransformerBridge) -> frozenset[str]:
+    """The parts of :data:`POSITIONWISE` this bridge calls once per block on the residual
+    stream's layout ``[batch, pos, width]``, so that :func:`positionwise_at` may replace them.
+
+    The query and output projections qualify where attention is the bridge's
+    ``PositionEmbeddingsAttentionBridge`` on its default path; the fused-QKV bridges derive
+    the query from one joint projection, and the split-input and per-head-result options
+    call the projections per head.
+    """
+    blocks = list(model.blocks)
+    parts = {"mlp"} if all(hasattr(block, "mlp") for block in blocks) else set()
+    cfg = model.cfg
+    split = any(getattr(cfg, f, False) for f in ("use_split_qkv_input", "use_attn_in"))
+    if all(isinstance(b.attn, PositionEmbeddingsAttentionBridge) for b in blocks):
+        parts |= set() if split else {"q"}
+        parts |= set() if getattr(cfg, "use_attn_result", False) else {"o"}
+    return frozenset(parts)
+
+
+def part_module(model: TransformerBridge, layer: int, name: str) -> nn.Module:
+    block = model.blocks[layer]
+    return block.mlp if name == "mlp" else getattr(block.attn, name)
+
+
+@contextmanager
+def positionwise_at(
+    model: TransformerBridge, keep: dict[int, Tensor], parts: Collection[str]
+) -> Iterator[None]:
+    """For the block, block ``layer``'s ``parts`` (of :func:`positionwise_parts`) run only at
+    the flat positions ``keep[layer]``.
+
+    Their input ``[batch, pos, width]`` is read row-major, as in :func:`head_at`; their
+    output is zero at every other position. Each part acts on each position alone, so the
+    kept positions get what they would have got; the caller must not read the others. The
+    parts' own hook points see only the kept positions, ``[1, len(keep), width]``.
+    """
+    with ExitStack() as stack:
+        for layer, rows in keep.items():
+            for name in parts:
+                module = part_module(model, layer, name)
+                forward = type(module).forward
+
+                def selected(
+                    x: Tensor, *args: object, module: Any = module, forward: Any = forward,
+                    rows: Tensor = rows, **kwargs: object,
+                ) -> Tensor:  # fmt: skip
+                    flat = x.reshape(-1, x.shape[-1])
+                    part = forward(module, flat[rows].unsqueeze(0), *args, **kwargs)[0]
+                    out = part.new_zeros(flat.shape[0], part.shape[-1])
+                    out[rows] = part
+                    return out.reshape(*x.shape[:-1], part.shape[-1])
+
+                stack.enter_context(replaced_forward([module], selected))
         yield
 
 

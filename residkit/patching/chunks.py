@@ -16,6 +16,16 @@ blocks in between for nothing, its input put back at its own layer. :func:`plan`
 grouping with the fewest modelled FLOPs for the prompt and the model's shapes, counting each
 block call's fixed cost (hooks, dispatch) as :data:`BLOCK_CALL_FLOPS`.
 
+Most of a block's arithmetic acts on each position alone: the MLP, and the attention's query
+and output projections. A run patched at block ``l``, position ``p`` depends on those only
+from block ``l`` on, at positions ``p`` on (and at the last block, only where it is
+unembedded): below ``l`` its residual is put back whole, and before ``p`` it is the corrupted
+run's, which is put back at every block instead of being computed again. Keys and values are
+still needed at every position. So the ``positionwise`` parts run only at those (run,
+position) pairs, whatever the grouping, and the planner weighs only the rest of a block
+against block calls. A part holding the patch's hook point (the MLP for ``mlp_out``, the
+output projection, whose input is ``z``) runs everywhere.
+
 With ``reuse_prefix=False`` every run is a whole run of the prompt from its patched layer
 (TransformerLens's loop): one layer per forward, every position, the model's own logits.
 """
@@ -37,6 +47,7 @@ from residkit._bridge import (
     head_at,
     n_kv_heads,
     new_cache,
+    positionwise_at,
     repeated_cache,
     skipped_blocks,
     temporary_hooks,
@@ -99,17 +110,23 @@ class Runs:
     prefixes: dict[int, Any]  # start position -> the corrupted run's cache of that many tokens
     ragged_head: bool  # unembed only at each run's positions from its patch on
     metric_positions: tuple[int, ...] | None = None  # unembed only there (others: NaN)
+    positionwise: frozenset[str] = frozenset()  # parts run where logits depend on them
 
 
-def _flops_per_position(model: TransformerBridge, n_pos: int) -> tuple[float, float]:
-    """GEMM FLOPs of one block and of the unembedding, per position of a forward."""
+def _flops_per_position(model: TransformerBridge, n_pos: int) -> tuple[dict[str, float], float]:
+    """GEMM FLOPs per position of a forward: of one block's parts (``"kv"``: key and value
+    projections and attention scores; ``"q"``, ``"o"``, ``"mlp"``), and of the unembedding."""
     cfg = model.cfg
     d, heads, d_head = cfg.d_model, cfg.n_heads, cfg.d_head
     d_mlp = getattr(cfg, "d_mlp", None) or 4 * d
-    qkvo = 2 * d * (2 * heads * d_head + 2 * n_kv_heads(model) * d_head)
-    mlp = (3 if spec_for(model).gated_mlp else 2) * 2 * d * d_mlp
-    scores = 2 * 2 * heads * d_head * n_pos  # QK^T and AV against every key
-    return float(qkvo + mlp + scores), float(2 * d * cfg.d_vocab)
+    projection = 2.0 * d * heads * d_head
+    parts = {
+        "kv": 4.0 * d * n_kv_heads(model) * d_head + 4.0 * heads * d_head * n_pos,
+        "q": projection,
+        "o": projection,
+        "mlp": (3 if spec_for(model).gated_mlp else 2) * 2.0 * d * d_mlp,
+    }
+    return parts, float(2 * d * cfg.d_vocab)
 
 
 def default_rows(model: TransformerBridge, n_tokens: int, logits: bool = True) -> int:
@@ -140,12 +157,15 @@ def plan(
     batch_size: int | None,
     reuse_prefix: bool,
     metric_positions: tuple[int, ...] | None = None,
+    positionwise: frozenset[str] = frozenset(),
 ) -> list[Chunk]:
     """The chunks of a sweep over every layer, ``positions`` and ``heads`` (see module docs).
 
     ``batch_size`` bounds the runs in any chunk; None picks a bound from the model size and
     each chunk's positions (:func:`default_rows`). With ``metric_positions`` only those
-    positions are unembedded, which the cost model and the bound count.
+    positions are unembedded, which the cost model and the bound count. The work of the
+    ``positionwise`` parts is the same under every grouping (module docs), so only the rest
+    of a block counts.
     """
     n = model.cfg.n_layers
     mp = metric_positions
@@ -165,7 +185,8 @@ def plan(
             for layer in range(n)
             for part in per_layer
         ]
-    f_block, f_head = _flops_per_position(model, n_pos)
+    f_parts, f_head = _flops_per_position(model, n_pos)
+    f_block = sum(f for part, f in f_parts.items() if part not in positionwise)
 
     def cap_for(start: int) -> int:
         return batch_size or default(n_pos - start)
@@ -233,6 +254,26 @@ def prefix_caches(model: TransformerBridge, tokens: Tensor, starts: list[int]) -
     return caches
 
 
+def _needed_positions(
+    cells: tuple[Cell, ...], after_patch: Tensor, low: int, n: int, head: Tensor, device: Any
+) -> dict[int, Tensor]:
+    """Flat (row, position) indices where each block's output is read (module docs): rows
+    patched at or below the block, from their patch on; at the last block, where the head
+    reads (``head``). Blocks whose output is read everywhere are left out."""
+    rows, span = after_patch.shape
+    flat = torch.arange(rows * span).reshape(rows, span)
+    out = {}
+    for layer in range(low, n):
+        if layer == n - 1:
+            at = head
+        else:
+            mask = after_patch & torch.tensor([c.layer <= layer for c in cells])[:, None]
+            at = flat[mask]
+        if len(at) < rows * span:
+            out[layer] = at.to(device)
+    return out
+
+
 def run_chunk(model: TransformerBridge, chunk: Chunk, runs: Runs) -> Iterator[Tensor]:
     """The logits ``[1, pos, vocab]`` of each of ``chunk``'s runs, in order."""
     spec, n = spec_for(model), model.cfg.n_layers
@@ -241,13 +282,21 @@ def run_chunk(model: TransformerBridge, chunk: Chunk, runs: Runs) -> Iterator[Te
     layers = sorted({c.layer for c in cells})
     by_layer = {layer: [r for r, c in enumerate(cells) if c.layer == layer] for layer in layers}
 
+    tokens = runs.tokens[:, start:].expand(rows, -1)
+    span, n_pos = tokens.shape[1], runs.tokens.shape[1]
+    first = torch.tensor([c.pos - start for c in cells])  # each run's patch, in the forward
+    cell_layer = torch.tensor([c.layer for c in cells])
+    after_patch = torch.arange(span)[None, :] >= first[:, None]  # [rows, span]
+
     def put_resid(layer: int, act: Tensor) -> Tensor:
-        # Rows that start at this layer get the corrupted residual here (the blocks below it
-        # ran them for nothing); a resid_pre patch goes in on top.
+        # Rows patched above this layer get the corrupted residual here (the blocks below it
+        # ran them for nothing), and so do positions before a row's patch, which are the
+        # corrupted run's (and, with mlp_gathered, were not computed); a resid_pre patch goes
+        # in on top.
         out = runs.corrupt_resid[layer][:, start:].expand(rows, -1, -1).clone()
         if layer != low:
-            keep = [r for r in range(rows) if cells[r].layer < layer]
-            out[keep] = act[keep].to(out.dtype)
+            own = ((cell_layer < layer)[:, None] & after_patch).to(act.device)
+            out = torch.where(own[..., None], act.to(out.dtype), out)
         if runs.hook == "resid_pre":
             clean = runs.clean_acts[layer]
             for r in by_layer.get(layer, []):
@@ -262,17 +311,16 @@ def run_chunk(model: TransformerBridge, chunk: Chunk, runs: Runs) -> Iterator[Te
             out[at] = clean[(0, c.pos) if c.head is None else (0, c.pos, c.head)]
         return out
 
+    gathered = bool(runs.positionwise)
     hooks: list[tuple[str, Any]] = [
         (spec.resid_hook(layer, n), lambda act, hook, layer=layer: put_resid(layer, act))
-        for layer in sorted({low, *layers})
+        for layer in (range(low, n) if gathered else sorted({low, *layers}))
     ]
     if runs.hook != "resid_pre":
         hooks += [
             (spec.patch_hook(runs.hook, layer), lambda act, hook, layer=layer: patch(layer, act))
             for layer in layers
         ]
-    tokens = runs.tokens[:, start:].expand(rows, -1)
-    span, n_pos = tokens.shape[1], runs.tokens.shape[1]
     wanted = runs.metric_positions
     # Positions each run unembeds itself; the rest are the corrupted run's (before its patch,
     # where the model is causal) or NaN (outside metric_positions: the metric must not read them).
@@ -286,12 +334,16 @@ def run_chunk(model: TransformerBridge, chunk: Chunk, runs: Runs) -> Iterator[Te
     ]
     ragged = runs.ragged_head or wanted is not None
     head: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    keep = torch.tensor(
+        [r * span + q - start for r, qs in enumerate(own) for q in qs], dtype=torch.long
+    )
     if ragged:
-        keep = torch.tensor(
-            [r * span + q - start for r, qs in enumerate(own) for q in qs], dtype=torch.long
-        )
         head = head_at(model, keep.to(tokens.device))
-    with skipped_blocks(model, low), temporary_hooks(model, hooks), head:
+    parts: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if gathered:
+        at = _needed_positions(cells, after_patch, low, n, keep, tokens.device)
+        parts = positionwise_at(model, at, runs.positionwise)
+    with skipped_blocks(model, low), temporary_hooks(model, hooks), head, parts:
         if start:
             logits = cached_forward(model, tokens, repeated_cache(runs.prefixes[start], rows))
         else:

@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from residkit._bridge import temporary_hooks
+from residkit._bridge import positionwise_parts, temporary_hooks
 from residkit._entry import entry
 from residkit._validate import check_positions
 from residkit.architectures import spec_for
@@ -57,6 +57,11 @@ class PatchingSweep:
         block_positions: The blocks' work in token positions: each row's blocks times the
             positions its forward runs (TransformerLens: ``n_layers * pos`` per cell).
         reuse_prefix: Whether forwards started at their first patched position.
+        mlp_positions: The MLPs' work in token positions. Equal to ``block_positions``
+            unless the MLPs ran only where a run's logits depend on them (reused prefixes,
+            any hook but ``mlp_out``): from each run's patched block and position on, and at
+            the last block where it is unembedded. The query and output projections run
+            there too where the bridge allows (``o`` not for ``z``).
         method: ``"exact"`` (patched runs), or ``"attribution"`` / ``"attribution*"`` for the
             first-order estimates of :func:`~residkit.patching.attribution.attribution_sweep`.
         baseline: ``metric`` of the corrupted run itself (what a patch that changes nothing
@@ -90,6 +95,7 @@ class PatchingSweep:
     block_runs: int
     block_positions: int
     reuse_prefix: bool
+    mlp_positions: int | None = None
     method: str = "exact"
     baseline: float = float("nan")
 
@@ -205,8 +211,12 @@ def patching_sweep(
                 f"(use {-n_pos}..{n_pos - 1}, each position once)"
             )
     heads: list[int | None] = list(range(model.cfg.n_heads)) if hook == "z" else [None]
+    # Parts acting on each position alone run only where a run's logits depend on them,
+    # except a part holding the patch's hook point (module docs of chunks).
+    inside = {"mlp_out": "mlp", "z": "o"}.get(hook)
+    positionwise = positionwise_parts(model) - {inside} if reuse_prefix else frozenset()
     chunks = plan(model, n_pos, pos_list, heads, batch_size=batch_size, reuse_prefix=reuse_prefix,
-                  metric_positions=wanted)  # fmt: skip
+                  metric_positions=wanted, positionwise=positionwise)  # fmt: skip
     resid, corrupt_logits = capture_with_logits(model, corrupt_t, list(range(n)))
     points = [spec.patch_hook(hook, layer) for layer in range(n)]
     clean_acts = (
@@ -224,6 +234,7 @@ def patching_sweep(
         prefixes=prefix_caches(model, corrupt_t, starts),
         ragged_head=reuse_prefix,
         metric_positions=wanted,
+        positionwise=positionwise,
     )
     shape = (n, len(pos_list), len(heads)) if hook == "z" else (n, len(pos_list))
     values = torch.zeros(shape, dtype=torch.float32)
@@ -237,6 +248,9 @@ def patching_sweep(
                 )
             at = (cell.layer, cell.index, *([] if cell.head is None else [cell.head]))
             values[at] = value.item()
+    block_positions = sum(
+        (n - c.start_layer) * len(c.cells) * (n_pos - c.start_pos) for c in chunks
+    )
     return PatchingSweep(
         values=values,
         hook=hook,
@@ -246,9 +260,10 @@ def patching_sweep(
         # the two capture runs, the corrupted prefix's pieces, one forward per chunk
         n_forwards=2 + len([s for s in starts if s]) + len(chunks),
         block_runs=sum((n - c.start_layer) * len(c.cells) for c in chunks),
-        block_positions=sum(
-            (n - c.start_layer) * len(c.cells) * (n_pos - c.start_pos) for c in chunks
-        ),
+        block_positions=block_positions,
+        mlp_positions=_needed_work(chunks, n, n_pos, wanted)
+        if "mlp" in positionwise
+        else block_positions,
         reuse_prefix=reuse_prefix,
         baseline=float(metric(corrupt_logits)),
     )
@@ -328,3 +343,13 @@ def _capture(model: TransformerBridge, tokens: Tensor, points: list[str]) -> lis
     ):
         model(tokens, return_type=None)
     return [s[0] for s in stores]
+
+
+def _needed_work(chunks: list[Chunk], n: int, n_pos: int, wanted: tuple[int, ...] | None) -> int:
+    """Positions at which positionwise parts run (module docs of chunks): each run's from
+    its block and position on, at the last block only where it is unembedded."""
+    total = 0
+    for c in (cell for chunk in chunks for cell in chunk.cells):
+        last = n_pos - c.pos if wanted is None else sum(q >= c.pos for q in wanted)
+        total += (n - 1 - c.layer) * (n_pos - c.pos) + last
+    return total
