@@ -291,8 +291,8 @@ def run_chunk(model: TransformerBridge, chunk: Chunk, runs: Runs) -> Iterator[Te
     def put_resid(layer: int, act: Tensor) -> Tensor:
         # Rows patched above this layer get the corrupted residual here (the blocks below it
         # ran them for nothing), and so do positions before a row's patch, which are the
-        # corrupted run's (and, with mlp_gathered, were not computed); a resid_pre patch goes
-        # in on top.
+        # corrupted run's (and, with positionwise parts, were not computed); a resid_pre
+        # patch goes in on top.
         out = runs.corrupt_resid[layer][:, start:].expand(rows, -1, -1).clone()
         if layer != low:
             own = ((cell_layer < layer)[:, None] & after_patch).to(act.device)
