@@ -203,17 +203,18 @@ def test_maths_hook() -> None:
     assert '<math xmlns="http://www.w3.org/1998/Math/MathML" display="block">' in html
 
 
-def test_reproduction_page_is_written_by_the_command_from_its_results() -> None:
-    """docs/reproduction.md is what ``residkit reproduce --markdown`` renders from the results
+@pytest.mark.parametrize("name", ["reproduction.md", "qwen/quick/reproduction.md"])
+def test_reproduction_page_is_written_by_the_command_from_its_results(name: str) -> None:
+    """A reproduction page is what ``residkit reproduce --markdown`` renders from the results
     saved beside it (so no number on it was typed or edited by hand), from a named commit."""
     import json
 
     from residkit.reproduction.markdown import rerender
 
-    page = DOCS / "reproduction.md"
+    page = DOCS / name
     text = page.read_text(encoding="utf-8")
     assert text == rerender(page)
-    saved = json.loads((DOCS / "reproduction" / "results.json").read_text())
+    saved = json.loads((page.parent / "reproduction" / "results.json").read_text())
     results = saved["reproduction"]["results"]
     # Each claim ran from a clean tree, at a commit that holds its code.
     assert all(re.fullmatch(r"[0-9a-f]{40}", r["commit"]) for r in results)
