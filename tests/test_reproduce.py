@@ -284,3 +284,5 @@ def test_a_claim_left_out_keeps_a_row_saying_why() -> None:
     assert (result.table["claim"] == "anatomy").any()
     with pytest.raises(ValueError, match="unknown claim"):
         reproduce(["zoo:llama"], quick=True, cache=None, not_run={"lunch": "x"})
+    with pytest.raises(ValueError, match=r"give only the reason, got .*Not run yet: slow"):
+        reproduce(["zoo:llama"], quick=True, cache=None, not_run={"chat": "Not run yet: slow"})

@@ -267,7 +267,8 @@ def reproduce(
             so the tables still have a row per claim.
 
     Raises:
-        ValueError: an unknown claim id or an empty model list.
+        ValueError: an unknown claim id, an empty model list, or a not_run reason that
+            starts with "not run" (the row already says it).
 
     Examples:
         >>> import residkit
@@ -283,6 +284,12 @@ def reproduce(
     unknown = sorted((set(chosen) | set(skipped)) - set(CLAIMS))
     if unknown:
         raise ValueError(f"unknown claim(s) {unknown}; known: {', '.join(CLAIMS)}")
+    # The row reads "not run: WHY", so a reason that says it again reads twice.
+    doubled = {c: why for c, why in skipped.items() if why.strip().lower().startswith("not run")}
+    if doubled:
+        raise ValueError(
+            f"not_run reasons are shown after 'not run: '; give only the reason, got {doubled!r}"
+        )
     if not models or isinstance(models, str):
         raise ValueError(f"models must be a non-empty list of names, got {models!r}")
     sizes = Sizes.quick_sizes() if quick else Sizes()
