@@ -203,7 +203,9 @@ def test_maths_hook() -> None:
     assert '<math xmlns="http://www.w3.org/1998/Math/MathML" display="block">' in html
 
 
-@pytest.mark.parametrize("name", ["reproduction.md", "qwen/quick/reproduction.md"])
+@pytest.mark.parametrize(
+    "name", ["reproduction.md", "qwen/quick/reproduction.md", "qwen/full/reproduction.md"]
+)
 def test_reproduction_page_is_written_by_the_command_from_its_results(name: str) -> None:
     """A reproduction page is what ``residkit reproduce --markdown`` renders from the results
     saved beside it (so no number on it was typed or edited by hand), from a named commit."""
