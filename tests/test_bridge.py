@@ -154,3 +154,15 @@ def test_positionwise_parts_off_the_path_are_caught(model_for, monkeypatch) -> N
     monkeypatch.setattr(contract, "positionwise_at", lambda *a, **k: contextlib.nullcontext())
     message = str(broken(model, "positionwise-parts"))
     assert "changed nothing" in message
+
+
+def test_positionwise_at_refuses_a_part_that_is_not_positionwise(model_for) -> None:
+    from residkit._bridge import positionwise_at
+
+    model = model_for("llama")
+    with (
+        pytest.raises(ValueError, match=r"parts \['k'\] are not positionwise"),
+        positionwise_at(model, {0: torch.arange(2)}, {"k"}),
+    ):
+        pass
+    assert not [n for n, m in model.named_modules() if "forward" in m.__dict__]

@@ -180,6 +180,9 @@ def positionwise_at(
     kept positions get what they would have got; the caller must not read the others. The
     parts' own hook points see only the kept positions, ``[1, len(keep), width]``.
     """
+    unknown = sorted(set(parts) - set(POSITIONWISE))
+    if unknown:
+        raise ValueError(f"parts {unknown} are not positionwise; choose from {POSITIONWISE}")
     with ExitStack() as stack:
         for layer, rows in keep.items():
             for name in parts:
